@@ -1,0 +1,54 @@
+-- name: insert_wal
+-- $1 transaction_id, $2 operation_type, $3 file_id, $4 operation_data, $5 user_id,
+-- $6 started_at, $7 reserved_bytes
+INSERT INTO <prefix>_wal (transaction_id, operation_type, status, file_id, operation_data,
+                          user_id, started_at, reserved_bytes)
+VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)
+RETURNING *;
+
+-- name: commit_wal
+-- $1 transaction_id, $2 result (merged into operation_data under "result"), $3 completed_at
+UPDATE <prefix>_wal SET
+    status = 'committed',
+    operation_data = operation_data || jsonb_build_object('result', $2::jsonb),
+    completed_at = $3,
+    duration_ms = (extract(epoch FROM ($3 - started_at)) * 1000)::integer,
+    reserved_bytes = 0
+WHERE transaction_id = $1 AND status = 'pending'
+RETURNING transaction_id;
+
+-- name: rollback_wal
+-- $1 transaction_id, $2 error_message, $3 completed_at
+UPDATE <prefix>_wal SET
+    status = 'rolled_back',
+    error_message = $2,
+    completed_at = $3,
+    duration_ms = (extract(epoch FROM ($3 - started_at)) * 1000)::integer,
+    reserved_bytes = 0
+WHERE transaction_id = $1 AND status = 'pending'
+RETURNING transaction_id;
+
+-- name: set_reservation
+-- $1 transaction_id, $2 reserved_bytes (call under capacity_lock after checking usage)
+UPDATE <prefix>_wal SET reserved_bytes = $2
+WHERE transaction_id = $1 AND status = 'pending'
+RETURNING transaction_id;
+
+-- name: get_wal
+-- $1 transaction_id
+SELECT * FROM <prefix>_wal WHERE transaction_id = $1;
+
+-- name: pending_wal
+-- $1 started before: pending rows older than this, oldest first
+SELECT * FROM <prefix>_wal WHERE status = 'pending' AND started_at < $1 ORDER BY started_at;
+
+-- name: wal_for_file
+-- $1 file_id
+SELECT * FROM <prefix>_wal WHERE file_id = $1 ORDER BY started_at;
+
+-- name: count_pending_wal
+SELECT count(*) FROM <prefix>_wal WHERE status = 'pending';
+
+-- name: purge_wal
+-- $1 cutoff: finished rows completed before it are deleted
+DELETE FROM <prefix>_wal WHERE status <> 'pending' AND completed_at < $1;

@@ -1,0 +1,48 @@
+"""The asyncpg pool and the rendered statements of one app, bundled as ``Db``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from .sql import Queries, queries
+
+
+@dataclass(frozen=True, slots=True)
+class Db:
+    pool: asyncpg.Pool
+    q: Queries
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, encoder=lambda v: json.dumps(v, ensure_ascii=False), decoder=json.loads,
+            schema="pg_catalog",
+        )
+
+
+async def open_db(dsn: str, prefix: str, *, max_size: int, timeout: float) -> Db:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=max_size, init=_init_connection, command_timeout=timeout,
+        max_inactive_connection_lifetime=300,
+    )
+    return Db(pool=pool, q=queries(prefix))
+
+
+async def close_db(db: Db, timeout: float = 10) -> None:
+    try:
+        await asyncio.wait_for(db.pool.close(), timeout)
+    except TimeoutError:
+        db.pool.terminate()
+
+
+async def stream(db: Db, sql: str, *args, prefetch: int = 1000) -> AsyncIterator[asyncpg.Record]:
+    """Iterate a large result with a server-side cursor (bounded memory)."""
+    async with db.pool.acquire() as conn, conn.transaction(readonly=True):
+        async for rec in conn.cursor(sql, *args, prefetch=prefetch):
+            yield rec

@@ -1,0 +1,31 @@
+"""The running element: config, database, backend and runtime state of one app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .backends.base import Backend
+from .config import Config
+from .db import Db
+from .runtime import Runtime
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    config: Config
+    db: Db
+    backend: Backend
+    runtime: Runtime
+
+    @property
+    def prefix(self) -> str:
+        return self.db.q.prefix
+
+
+element_key = web.AppKey("element", Element)
+
+
+def element(request: web.Request) -> Element:
+    return request.app[element_key]

@@ -1,0 +1,183 @@
+"""Domain exceptions that carry their HTTP status, and the one middleware that renders them.
+
+Every error leaves as ``application/problem+json`` (RFC 9457) with ``type``,
+``title``, ``status`` and a string ``detail`` (artStore clients read ``detail``);
+validation errors add an ``errors`` list.  No traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+class StorageError(Exception):
+    """Base for errors a client should see.  ``status``/``code`` are class defaults."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.errors = errors
+        self.extra = dict(extra or {})
+
+
+class BadRequest(StorageError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(StorageError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(StorageError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(StorageError):
+    status, code = 404, "not_found"
+
+
+class Conflict(StorageError):
+    status, code = 409, "conflict"
+
+
+class PreconditionFailed(StorageError):
+    status, code = 412, "precondition_failed"
+
+
+class PayloadTooLarge(StorageError):
+    status, code = 413, "payload_too_large"
+
+
+class RangeNotSatisfiable(StorageError):
+    status, code = 416, "range_not_satisfiable"
+
+
+class ValidationFailed(StorageError):
+    status, code = 422, "validation_error"
+
+
+class InsufficientStorage(StorageError):
+    status, code = 507, "insufficient_storage"
+
+
+class Unavailable(StorageError):
+    status, code = 503, "service_unavailable"
+
+
+class ClientGone(StorageError):
+    """The client closed the connection or sent less than it announced."""
+
+    status, code = 400, "incomplete_body"
+
+
+def invalid(field: str, message: str, value: Any = None, *, where: str = "body") -> ValidationFailed:
+    """A 422 for one bad input, with an ``errors`` entry pointing at it."""
+    entry = {"loc": [where, field], "msg": message, "type": "value_error"}
+    if value is not None:
+        entry["input"] = value if isinstance(value, str | int | float | bool) else str(value)
+    return ValidationFailed(f"{field}: {message}", errors=[entry])
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> web.Response:
+    """Build the canonical error response."""
+    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    body: dict[str, Any] = {
+        "type": f"urn:storage-element:error:{code or title.lower().replace(' ', '_')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = errors
+    if extra:
+        body.update(extra)
+    resp = web.Response(
+        status=status,
+        text=json.dumps(body, ensure_ascii=False),
+        content_type=PROBLEM_JSON,
+        headers={k: v for k, v in (headers or {}).items() if k.lower() != "content-type"},
+    )
+    return resp
+
+
+def render(exc: StorageError) -> web.Response:
+    return problem(
+        exc.status, exc.detail, code=exc.code, headers=exc.headers, errors=exc.errors,
+        extra=exc.extra,
+    )
+
+
+_DB_DOWN = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    OSError,
+)
+
+
+def _http_detail(exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return "Not Found"
+    if exc.status == 405:
+        return f"Method {exc.method} not allowed" if hasattr(exc, "method") else "Method Not Allowed"
+    text = exc.text or exc.reason
+    return text.removeprefix(f"{exc.status}: ")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except StorageError as exc:
+        return render(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type",
+                                                                            "content-length")}
+        return problem(exc.status, _http_detail(exc), headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except TimeoutError:
+        log.warning("timeout serving %s %s", request.method, request.path)
+        return problem(503, "The service timed out; try again", code="timeout")
+    except _DB_DOWN as exc:
+        log.error("dependency unavailable on %s %s: %r", request.method, request.path, exc)
+        return problem(503, "A backing service (database or storage) is unavailable; try again",
+                       code="service_unavailable", headers={"Retry-After": "1"})
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem(500, "Internal server error", code="internal_error")

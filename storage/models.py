@@ -1,0 +1,110 @@
+"""Plain dataclasses for rows: file metadata, WAL entries, element config."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class FileMeta:
+    """One row of ``<prefix>_files``; ``FileMeta.from_record(rec)`` works on an asyncpg Record."""
+
+    file_id: uuid.UUID
+    original_filename: str
+    storage_filename: str
+    file_size: int
+    content_type: str
+    created_at: datetime
+    updated_at: datetime
+    created_by_id: str
+    created_by_username: str
+    storage_path: str
+    checksum: str
+    created_by_fullname: str | None = None
+    description: str | None = None
+    version: str | None = None
+    metadata_json: dict[str, Any] | None = None
+    cache_updated_at: datetime = field(default_factory=utcnow)
+    cache_ttl_hours: int = 24
+
+    @classmethod
+    def from_record(cls, rec: Any) -> FileMeta:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+
+    @property
+    def relative_path(self) -> str:
+        return self.storage_path + self.storage_filename
+
+    @property
+    def cache_expired(self) -> bool:
+        return utcnow() > self.cache_updated_at + timedelta(hours=self.cache_ttl_hours)
+
+    def to_response(self) -> dict[str, Any]:
+        """The 15-key ``FileMetadataResponse`` of reference §1.3.6."""
+        return {
+            "file_id": str(self.file_id),
+            "original_filename": self.original_filename,
+            "storage_filename": self.storage_filename,
+            "file_size": self.file_size,
+            "content_type": self.content_type,
+            "created_at": self.created_at.isoformat(),
+            "created_by_username": self.created_by_username,
+            "created_by_fullname": self.created_by_fullname,
+            "description": self.description,
+            "version": self.version,
+            "storage_path": self.storage_path,
+            "checksum": self.checksum,
+            "cache_updated_at": self.cache_updated_at.isoformat(),
+            "cache_ttl_hours": self.cache_ttl_hours,
+            "cache_expired": self.cache_expired,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class WalEntry:
+    """One row of ``<prefix>_wal``."""
+
+    transaction_id: uuid.UUID
+    operation_type: str
+    status: str
+    file_id: uuid.UUID | None
+    operation_data: dict[str, Any]
+    started_at: datetime
+    user_id: str | None = None
+    error_message: str | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+    reserved_bytes: int = 0
+
+    @classmethod
+    def from_record(cls, rec: Any) -> WalEntry:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class ElementState:
+    """The ``<prefix>_config`` singleton: persisted mode and O(1) totals."""
+
+    current_mode: str | None
+    mode_changed_at: datetime | None
+    mode_changed_by: str | None
+    total_files: int
+    total_size_bytes: int
+    last_cache_rebuild: datetime | None
+
+    @classmethod
+    def from_record(cls, rec: Any) -> ElementState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(rec).items() if k in names})
