@@ -28,7 +28,7 @@ class EmbeddedPostgres:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._server = get_server(self.pgdata, cleanup_mode="stop")
         exists = self._server.psql(
-            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';"
+            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';"  # noqa: S608 - constant
         )
         if "(1 row)" not in exists:
             self._server.psql(f"CREATE DATABASE {DATABASE};")

@@ -92,7 +92,9 @@ class ClientGone(StorageError):
     status, code = 400, "incomplete_body"
 
 
-def invalid(field: str, message: str, value: Any = None, *, where: str = "body") -> ValidationFailed:
+def invalid(
+    field: str, message: str, value: Any = None, *, where: str = "body"
+) -> ValidationFailed:
     """A 422 for one bad input, with an ``errors`` entry pointing at it."""
     entry = {"loc": [where, field], "msg": message, "type": "value_error"}
     if value is not None:
@@ -152,7 +154,7 @@ def _http_detail(exc: web.HTTPException) -> str:
     if exc.status == 404:
         return "Not Found"
     if exc.status == 405:
-        return f"Method {exc.method} not allowed" if hasattr(exc, "method") else "Method Not Allowed"
+        return f"Method {getattr(exc, 'method', '')} not allowed".replace("  ", " ")
     text = exc.text or exc.reason
     return text.removeprefix(f"{exc.status}: ")
 
@@ -166,8 +168,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type",
-                                                                            "content-length")}
+        skip = ("content-type", "content-length")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
         return problem(exc.status, _http_detail(exc), headers=headers)
     except asyncio.CancelledError:
         raise

@@ -1,0 +1,109 @@
+"""The app factory: ``make_app(config)`` wires resources, middlewares and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import migrate
+from .appkeys import backend_key, config_key, db_key, dsn_key, runtime_key
+from .auth import auth_ctx, auth_middleware
+from .backends import make_backend
+from .config import Config
+from .db import close_db, open_db
+from .element import Element, element_key
+from .embedded import EmbeddedPostgres
+from .errors import error_middleware
+from .routes import setup_routes
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """Startup cannot continue; the message is one line for the operator."""
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Resolve the DSN (starting the embedded PostgreSQL if needed) and migrate the schema."""
+    config = app[config_key]
+    embedded = None
+    dsn = config.dsn
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    app[dsn_key] = dsn
+    try:
+        if config.db_auto_migrate:
+            await asyncio.to_thread(migrate.apply, dsn, config.table_prefix)
+        else:
+            pending = (await asyncio.to_thread(migrate.status, dsn, config.table_prefix)).pending
+            if pending:
+                raise StartupError(
+                    f"database schema for prefix {config.table_prefix!r} is behind "
+                    f"(pending: {', '.join(pending)}); run `python run.py migrate` "
+                    "or set DB_AUTO_MIGRATE=on"
+                )
+        db = await open_db(dsn, config.table_prefix, max_size=config.db_pool_size,
+                           timeout=config.db_pool_timeout)
+        app[db_key] = db
+        log.info("database ready: %s (prefix %s)", "embedded" if embedded else _safe(dsn),
+                 config.table_prefix)
+        yield
+        await close_db(db)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def _safe(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return dsn
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    backend = make_backend(config)
+    await backend.start()
+    app[backend_key] = backend
+    log.info("storage ready: %s at %s", backend.name, backend.location)
+    yield
+    await backend.close()
+
+
+async def element_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    runtime = Runtime(config)
+    app[runtime_key] = runtime
+    app[element_key] = Element(config, app[db_key], app[backend_key], runtime)
+    for hook in app.get(startup_hooks_key, ()):
+        await hook(app)
+    runtime.started = True
+    yield
+    runtime.stopping = True
+
+
+startup_hooks_key = web.AppKey("startup_hooks", list)
+
+
+def make_app(config: Config) -> web.Application:
+    """Build the application for one element; nothing global is touched."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=1024 * 1024,
+        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+    )
+    app[config_key] = config
+    app[startup_hooks_key] = []
+    app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, element_ctx])
+    setup_routes(app)
+    return app

@@ -1,0 +1,163 @@
+"""The backend seam (after Swift's DiskFile): writer, reader, attr and listing.
+
+Handlers, WAL, attr and cache code see only this API; ``local`` and ``s3``
+implement it.  Paths are *relative* (``YYYY/MM/DD/HH/<storage_filename>``); the
+attr document lives at ``relpath + ATTR_SUFFIX``.  Backends raise the domain
+errors below, never a bare ``OSError`` or botocore error.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InsufficientStorage, NotFound, Unavailable
+
+ATTR_SUFFIX = ".attr.json"
+
+
+class ObjectMissing(NotFound):
+    """The data or attr object is not in the store."""
+
+
+class NoSpace(InsufficientStorage):
+    """The store ran out of space while writing."""
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached or is not writable."""
+
+
+class Hasher:
+    """Running sha256 + md5 and byte count of what was written."""
+
+    __slots__ = ("sha256", "md5", "size")
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
+        self.size += len(chunk)
+
+
+class Writer(abc.ABC):
+    """Streams one new object; nothing is visible until :meth:`commit`.
+
+    Use as ``async with backend.create(relpath) as w``: leaving the block without
+    a commit aborts (temp file removed / multipart upload aborted).
+    """
+
+    relpath: str
+    hasher: Hasher
+
+    @property
+    def size(self) -> int:
+        return self.hasher.size
+
+    @property
+    def sha256(self) -> str:
+        return self.hasher.sha256.hexdigest()
+
+    @property
+    def md5(self) -> bytes:
+        return self.hasher.md5.digest()
+
+    @abc.abstractmethod
+    async def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` and hash it.  :raises NoSpace: / StoreUnavailable:"""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Make the object durable and visible at ``relpath`` atomically."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Discard everything written; idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def temp_name(self) -> str:
+        """Where partial data lives (temp path or multipart upload id), for the WAL."""
+
+    async def __aenter__(self) -> Writer:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size: int
+    path: Path | None = None  # local file path (enables sendfile), None for S3
+
+
+class Reader(abc.ABC):
+    """An opened object; reads stay valid even if it is deleted meanwhile (local)."""
+
+    info: ObjectInfo
+
+    @abc.abstractmethod
+    def iter_range(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """Yield bytes ``start..end`` inclusive."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Backend(abc.ABC):
+    name: str
+    location: str  # base path, or bucket/app_folder
+
+    async def start(self) -> None:
+        """Open clients; called once from the app's cleanup context."""
+
+    async def close(self) -> None:
+        """Release clients."""
+
+    @abc.abstractmethod
+    def create(self, relpath: str, size_hint: int | None = None) -> Writer:
+        """A writer for a new object at ``relpath`` (see :class:`Writer`)."""
+
+    @abc.abstractmethod
+    async def open(self, relpath: str) -> Reader:
+        """:raises ObjectMissing: when the data object does not exist."""
+
+    @abc.abstractmethod
+    async def read_attr(self, relpath: str) -> bytes:
+        """The attr document of ``relpath``.  :raises ObjectMissing:"""
+
+    @abc.abstractmethod
+    async def write_attr(self, relpath: str, data: bytes) -> None:
+        """Atomically (re)place the attr document of ``relpath``."""
+
+    @abc.abstractmethod
+    async def delete(self, relpath: str) -> bool:
+        """Remove data and attr; True if the data object existed.  Idempotent."""
+
+    @abc.abstractmethod
+    async def exists(self, relpath: str) -> bool: ...
+
+    @abc.abstractmethod
+    def iter_attr_paths(self) -> AsyncIterator[str]:
+        """Relative paths of every data object that has an attr document (streamed)."""
+
+    @abc.abstractmethod
+    async def check(self) -> dict[str, Any]:
+        """Readiness details without side effects.  :raises StoreUnavailable:"""
+
+    async def free_bytes(self) -> int | None:
+        """Free space the store reports, or None when it has no such notion (S3)."""
+        return None
+
+    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
+        """Remove leftover partial uploads; return how many were removed."""
+        return 0

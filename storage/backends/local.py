@@ -1,0 +1,308 @@
+"""Local-disk backend: temp file → hash → fsync → link into place → fsync the directory.
+
+Blocking file I/O runs in the default executor; each chunk is written *and*
+hashed in the same thread hop (cheaper than aiofiles' one hop per call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from .base import (
+    ATTR_SUFFIX,
+    Backend,
+    Hasher,
+    NoSpace,
+    ObjectInfo,
+    ObjectMissing,
+    Reader,
+    StoreUnavailable,
+    Writer,
+)
+
+TEMP_PREFIX = ".tmp"
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _translate(exc: OSError, what: str) -> Exception:
+    if exc.errno in _SPACE_ERRNOS:
+        return NoSpace(f"Not enough storage space to {what}")
+    return StoreUnavailable(f"Storage error while trying to {what}: {exc.strerror or exc}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: Path, root: Path) -> None:
+    """``mkdir -p`` that fsyncs the parent of every directory it creates."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != root and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(directory.parent)
+
+
+def write_atomic(path: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory (sync)."""
+    makedirs_durable(path.parent, root)
+    tmp = path.parent / f"{TEMP_PREFIX}_attr_{secrets.token_hex(8)}.json"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class LocalWriter(Writer):
+    def __init__(self, backend: LocalBackend, relpath: str) -> None:
+        self.relpath = relpath
+        self.hasher = Hasher()
+        self._final = backend.path(relpath)
+        self._root = backend.root
+        self._tmp = self._final.parent / f"{TEMP_PREFIX}_{secrets.token_hex(16)}"
+        self._fd: int | None = None
+        self._done = False
+
+    @property
+    def temp_name(self) -> str:
+        return str(self._tmp)
+
+    def _open(self) -> None:
+        makedirs_durable(self._final.parent, self._root)
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _write(self, chunk: bytes) -> None:
+        if self._fd is None:
+            self._open()
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.hasher.update(chunk)
+
+    async def write(self, chunk: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, chunk)
+        except OSError as exc:
+            raise _translate(exc, "store the file") from exc
+
+    def _commit(self) -> None:
+        if self._fd is None:
+            self._open()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.link(self._tmp, self._final)  # never clobbers an existing object
+        os.unlink(self._tmp)
+        fsync_dir(self._final.parent)
+        self._done = True
+
+    async def commit(self) -> None:
+        try:
+            await asyncio.to_thread(self._commit)
+        except OSError as exc:
+            raise _translate(exc, "store the file") from exc
+
+    def _abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self._done:
+            self._tmp.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        await asyncio.shield(asyncio.to_thread(self._abort))
+
+
+class LocalReader(Reader):
+    def __init__(self, fobj, info: ObjectInfo) -> None:
+        self.fobj = fobj
+        self.info = info
+
+    async def iter_range(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        fd = self.fobj.fileno()
+        pos = start
+        while pos <= end:
+            n = min(chunk_size, end - pos + 1)
+            data = await loop.run_in_executor(None, os.pread, fd, n, pos)
+            if not data:
+                raise StoreUnavailable("The stored file is shorter than its metadata says")
+            pos += len(data)
+            yield data
+
+    async def close(self) -> None:
+        self.fobj.close()
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, config: Config) -> None:
+        self.root = config.storage_local_base_path.resolve()
+        self.location = str(self.root)
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of ``relpath``; refuses anything that would leave the root."""
+        path = (self.root / relpath).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ObjectMissing(f"Invalid storage path: {relpath}")
+        return path
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"Cannot create storage directory {self.root}: {exc}") from exc
+
+    def create(self, relpath: str, size_hint: int | None = None) -> Writer:
+        return LocalWriter(self, relpath)
+
+    async def open(self, relpath: str) -> Reader:
+        path = self.path(relpath)
+
+        def _open():
+            fobj = open(path, "rb")  # noqa: SIM115 - closed by LocalReader.close
+            return fobj, os.fstat(fobj.fileno()).st_size
+
+        try:
+            fobj, size = await asyncio.to_thread(_open)
+        except FileNotFoundError:
+            raise ObjectMissing(f"Stored data for {relpath} is missing") from None
+        except OSError as exc:
+            raise _translate(exc, "read the file") from exc
+        return LocalReader(fobj, ObjectInfo(size=size, path=path))
+
+    async def read_attr(self, relpath: str) -> bytes:
+        path = self.path(relpath + ATTR_SUFFIX)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise ObjectMissing(f"Attribute file for {relpath} is missing") from None
+        except OSError as exc:
+            raise _translate(exc, "read the attribute file") from exc
+
+    async def write_attr(self, relpath: str, data: bytes) -> None:
+        path = self.path(relpath + ATTR_SUFFIX)
+        try:
+            await asyncio.to_thread(write_atomic, path, data, self.root)
+        except OSError as exc:
+            raise _translate(exc, "write the attribute file") from exc
+
+    async def delete(self, relpath: str) -> bool:
+        data, attr = self.path(relpath), self.path(relpath + ATTR_SUFFIX)
+
+        def _delete() -> bool:
+            existed = True
+            try:
+                data.unlink()
+            except FileNotFoundError:
+                existed = False
+            attr.unlink(missing_ok=True)
+            fsync_dir(data.parent) if data.parent.exists() else None
+            return existed
+
+        try:
+            return await asyncio.to_thread(_delete)
+        except OSError as exc:
+            raise _translate(exc, "delete the file") from exc
+
+    async def exists(self, relpath: str) -> bool:
+        return await asyncio.to_thread(self.path(relpath).is_file)
+
+    async def iter_attr_paths(self) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
+        loop = asyncio.get_running_loop()
+
+        def walk() -> None:
+            try:
+                for dirpath, dirnames, filenames in os.walk(self.root):
+                    dirnames.sort()
+                    for name in sorted(filenames):
+                        if name.endswith(ATTR_SUFFIX) and not name.startswith(TEMP_PREFIX):
+                            rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                            item = rel[: -len(ATTR_SUFFIX)]
+                            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+            finally:
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+        task = loop.run_in_executor(None, walk)
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            while not task.done():  # drain so the walker thread can finish
+                if queue.empty():
+                    await asyncio.sleep(0.01)
+                else:
+                    queue.get_nowait()
+            await task
+
+    async def check(self) -> dict[str, Any]:
+        def probe() -> None:
+            if not self.root.is_dir():
+                raise OSError(errno.ENOENT, "storage directory does not exist")
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, "storage directory is not writable")
+
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as exc:
+            raise StoreUnavailable(f"Storage directory {self.root} is not accessible: "
+                                   f"{exc.strerror}") from exc
+        return {"storage_directory": "accessible", "storage_path": str(self.root)}
+
+    async def free_bytes(self) -> int | None:
+        st = await asyncio.to_thread(os.statvfs, self.root)
+        return st.f_bavail * st.f_frsize
+
+    async def disk_usage(self) -> tuple[int, int]:
+        """(total, available) bytes of the filesystem holding the root."""
+        st = await asyncio.to_thread(os.statvfs, self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
+        cutoff = time.time() - older_than_s
+
+        def sweep() -> int:
+            removed = 0
+            for dirpath, _dirs, filenames in os.walk(self.root):
+                for name in filenames:
+                    if name.startswith(TEMP_PREFIX):
+                        path = os.path.join(dirpath, name)
+                        try:
+                            if os.lstat(path).st_mtime <= cutoff:
+                                os.unlink(path)
+                                removed += 1
+                        except FileNotFoundError:
+                            continue
+            return removed
+
+        return await asyncio.to_thread(sweep)

@@ -1,0 +1,144 @@
+"""Thin repository functions: one per statement, returning dataclasses.
+
+Each takes ``db`` (pool + rendered statements of the app's prefix) or an open
+connection ``conn`` plus ``q`` when it must run inside a caller's transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .db import Db
+from .models import ElementState, FileMeta, WalEntry
+from .sql import Queries
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+
+# files ----------------------------------------------------------------------------------
+
+
+async def insert_file(conn: Conn, q: Queries, m: FileMeta) -> FileMeta:
+    rec = await conn.fetchrow(
+        q.insert_file, m.file_id, m.original_filename, m.storage_filename, m.file_size,
+        m.content_type, m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
+        m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
+        m.metadata_json, m.cache_ttl_hours,
+    )
+    return FileMeta.from_record(rec)
+
+
+async def get_file(db: Db, file_id: uuid.UUID) -> FileMeta | None:
+    rec = await db.pool.fetchrow(db.q.get_file, file_id)
+    return FileMeta.from_record(rec) if rec else None
+
+
+async def lock_file(conn: asyncpg.Connection, q: Queries, file_id: uuid.UUID) -> FileMeta | None:
+    rec = await conn.fetchrow(q.get_file_for_update, file_id)
+    return FileMeta.from_record(rec) if rec else None
+
+
+async def file_exists(db: Db, file_id: uuid.UUID) -> bool:
+    return await db.pool.fetchval(db.q.file_exists, file_id)
+
+
+async def list_files(db: Db, limit: int, offset: int) -> list[FileMeta]:
+    return [FileMeta.from_record(r) for r in await db.pool.fetch(db.q.list_files, limit, offset)]
+
+
+async def update_file(
+    conn: Conn, q: Queries, file_id: uuid.UUID, *, description: str | None,
+    version: str | None, metadata: dict[str, Any] | None, replace_metadata: bool,
+    updated_at: datetime, ttl_hours: int,
+) -> FileMeta | None:
+    rec = await conn.fetchrow(
+        q.update_file, file_id, description, version, metadata, replace_metadata, updated_at,
+        ttl_hours,
+    )
+    return FileMeta.from_record(rec) if rec else None
+
+
+async def refresh_file(conn: Conn, q: Queries, m: FileMeta, ttl_hours: int) -> FileMeta | None:
+    rec = await conn.fetchrow(
+        q.refresh_file, m.file_id, m.original_filename, m.file_size, m.content_type,
+        m.description, m.version, m.created_at, m.updated_at, m.checksum, m.metadata_json,
+        ttl_hours,
+    )
+    return FileMeta.from_record(rec) if rec else None
+
+
+async def delete_file(conn: Conn, q: Queries, file_id: uuid.UUID) -> FileMeta | None:
+    rec = await conn.fetchrow(q.delete_file, file_id)
+    return FileMeta.from_record(rec) if rec else None
+
+
+# WAL ------------------------------------------------------------------------------------
+
+
+async def insert_wal(
+    conn: Conn, q: Queries, *, txid: uuid.UUID, op: str, file_id: uuid.UUID | None,
+    data: dict[str, Any], user_id: str | None, started_at: datetime, reserved: int = 0,
+) -> WalEntry:
+    rec = await conn.fetchrow(q.insert_wal, txid, op, file_id, data, user_id, started_at, reserved)
+    return WalEntry.from_record(rec)
+
+
+async def commit_wal(conn: Conn, q: Queries, txid: uuid.UUID, result: dict[str, Any],
+                     at: datetime) -> bool:
+    return await conn.fetchval(q.commit_wal, txid, result, at) is not None
+
+
+async def rollback_wal(conn: Conn, q: Queries, txid: uuid.UUID, error: str,
+                       at: datetime) -> bool:
+    return await conn.fetchval(q.rollback_wal, txid, error[:4000], at) is not None
+
+
+async def set_reservation(conn: Conn, q: Queries, txid: uuid.UUID, reserved: int) -> bool:
+    return await conn.fetchval(q.set_reservation, txid, reserved) is not None
+
+
+async def get_wal(db: Db, txid: uuid.UUID) -> WalEntry | None:
+    rec = await db.pool.fetchrow(db.q.get_wal, txid)
+    return WalEntry.from_record(rec) if rec else None
+
+
+async def pending_wal(db: Db, before: datetime) -> list[WalEntry]:
+    return [WalEntry.from_record(r) for r in await db.pool.fetch(db.q.pending_wal, before)]
+
+
+async def wal_for_file(db: Db, file_id: uuid.UUID) -> list[WalEntry]:
+    return [WalEntry.from_record(r) for r in await db.pool.fetch(db.q.wal_for_file, file_id)]
+
+
+async def count_pending_wal(db: Db) -> int:
+    return await db.pool.fetchval(db.q.count_pending_wal)
+
+
+async def purge_wal(db: Db, cutoff: datetime) -> int:
+    status = await db.pool.execute(db.q.purge_wal, cutoff)
+    return int(status.split()[-1])
+
+
+# element state --------------------------------------------------------------------------
+
+
+async def capacity_lock(conn: asyncpg.Connection, q: Queries) -> None:
+    await conn.execute(q.capacity_lock)
+
+
+async def capacity_usage(conn: Conn, q: Queries) -> tuple[int, int, int]:
+    """(committed bytes, file count, bytes reserved by uploads in flight)."""
+    rec = await conn.fetchrow(q.capacity_usage)
+    return rec["used"], rec["files"], rec["reserved"]
+
+
+async def get_state(db: Db) -> ElementState:
+    return ElementState.from_record(await db.pool.fetchrow(db.q.get_state))
+
+
+async def ping(db: Db) -> None:
+    await db.pool.fetchval(db.q.ping)

@@ -1,0 +1,28 @@
+"""The route table: every endpoint of the element in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .appkeys import config_key
+from .views import download, files, health
+
+
+def setup_routes(app: web.Application) -> None:
+    config = app[config_key]
+    app.add_routes([
+        web.get("/", health.root, name="root"),
+        web.get(config.health_liveness_path, health.live, name="live"),
+        web.get(config.health_readiness_path, health.ready, name="ready"),
+        web.get("/health/startup", health.startup, name="startup"),
+        web.post("/api/v1/files/upload", files.upload, name="upload",
+                 expect_handler=files.upload_expect),
+        web.get("/api/v1/files", files.list_files, name="list"),
+        web.get("/api/v1/files/", files.list_files, name="list_slash"),
+        web.put("/api/v1/files/{file_id}", files.put_raw, name="put_raw",
+                expect_handler=files.upload_expect),
+        web.get("/api/v1/files/{file_id}", files.get_metadata, name="metadata"),
+        web.patch("/api/v1/files/{file_id}", files.patch, name="patch"),
+        web.delete("/api/v1/files/{file_id}", files.delete, name="delete"),
+        web.get("/api/v1/files/{file_id}/download", download.download, name="download"),
+    ])

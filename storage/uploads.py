@@ -1,0 +1,215 @@
+"""Creating a file: WAL intent → stream to a temp object while hashing → commit →
+attr document → metadata row + WAL commit.  Any failure leaves nothing visible.
+
+The WAL intent row doubles as the capacity reservation: while it is pending its
+``reserved_bytes`` count against the element's capacity, so concurrent uploads
+cannot overshoot, and a crash frees the reservation when recovery resolves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from . import attrmeta, attrs, naming, repo
+from .access import Identity
+from .backends.base import Writer
+from .element import Element
+from .errors import (
+    BadRequest,
+    ClientGone,
+    Conflict,
+    InsufficientStorage,
+    PayloadTooLarge,
+    StorageError,
+)
+from .models import FileMeta, utcnow
+
+log = logging.getLogger(__name__)
+GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
+
+
+@dataclass(slots=True)
+class UploadSpec:
+    """What the client asked to store (everything but the bytes)."""
+
+    original_filename: str
+    content_type: str = "application/octet-stream"
+    file_id: uuid.UUID | None = None
+    description: str | None = None
+    version: str | None = None
+    metadata: dict[str, Any] | None = None
+    declared_size: int | None = None  # exact size when known (raw body Content-Length)
+    size_bound: int | None = None  # an upper bound (multipart body Content-Length)
+    digests: dict[str, bytes] = field(default_factory=dict)
+
+
+def max_file_size(el: Element) -> int:
+    cap = el.config.storage_max_file_size
+    return cap if cap > 0 else el.config.storage_max_size
+
+
+def check_declared_size(el: Element, size: int | None) -> None:
+    """413 before any byte is read when the announced size is over the per-file cap."""
+    cap = max_file_size(el)
+    if size is not None and size > cap:
+        raise PayloadTooLarge(f"File size {size} exceeds the maximum of {cap} bytes",
+                              headers={"Connection": "close"})
+
+
+def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetime) -> FileMeta:
+    try:
+        storage_filename = naming.storage_filename(spec.original_filename, who.name, now, file_id)
+    except naming.NamingError as exc:
+        raise BadRequest(str(exc)) from None
+    return FileMeta(
+        file_id=file_id, original_filename=spec.original_filename,
+        storage_filename=storage_filename, file_size=0, content_type=spec.content_type,
+        created_at=now, updated_at=now, created_by_id=who.sub,
+        created_by_username=who.name, storage_path=naming.storage_path(now),
+        checksum="0" * 64, description=spec.description, version=spec.version,
+        metadata_json=spec.metadata, cache_updated_at=now,
+    )
+
+
+def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
+    """The attr.json bytes for ``meta``; :raises BadRequest: when over 4096 bytes."""
+    doc = attrmeta.to_doc(meta, extra)
+    try:
+        attrs.check_size(doc)
+    except attrs.AttrTooLarge as exc:
+        raise BadRequest(str(exc)) from None
+    return attrs.dumps(doc)
+
+
+async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None) -> None:
+    """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
+    free = await el.backend.free_bytes()
+    async with el.db.pool.acquire() as conn, conn.transaction():
+        await repo.capacity_lock(conn, el.db.q)
+        used, _files, reserved = await repo.capacity_usage(conn, el.db.q)
+        current = 0
+        if insert is None:
+            wal = await conn.fetchrow(el.db.q.get_wal, txid)
+            current = wal["reserved_bytes"] if wal else 0
+        extra = need - current
+        limit = el.config.storage_max_size
+        if used + reserved + extra > limit:
+            raise InsufficientStorage(
+                f"Not enough capacity: {need} bytes requested, "
+                f"{max(limit - used - reserved, 0)} of {limit} bytes available",
+                headers={"Connection": "close"},
+            )
+        if free is not None and free - el.config.storage_disk_reserve - reserved < extra:
+            raise InsufficientStorage(
+                f"Not enough free disk space for {need} bytes",
+                headers={"Connection": "close"},
+            )
+        if insert is not None:
+            await repo.insert_wal(conn, el.db.q, txid=txid, reserved=need, **insert)
+        else:
+            await repo.set_reservation(conn, el.db.q, txid, need)
+
+
+async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer,
+                  chunks: AsyncIterator[bytes], reserved: int) -> None:
+    cap = max_file_size(el)
+    try:
+        async for chunk in chunks:
+            if writer.size + len(chunk) > cap:
+                raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
+                                      headers={"Connection": "close"})
+            if writer.size + len(chunk) > reserved:
+                reserved = min(cap, max(reserved + GROWTH_STEP, writer.size + len(chunk)))
+                await _reserve(el, txid, reserved, insert=None)
+            await writer.write(chunk)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        raise ClientGone(f"The upload was interrupted: {exc}") from None
+    if spec.declared_size is not None and writer.size != spec.declared_size:
+        raise ClientGone(
+            f"Received {writer.size} bytes but Content-Length announced {spec.declared_size}"
+        )
+
+
+def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
+    actual = {"sha256": bytes.fromhex(writer.sha256), "md5": writer.md5}
+    for algo, expected in spec.digests.items():
+        if algo in actual and not hmac.compare_digest(actual[algo], expected):
+            raise BadRequest(
+                f"Checksum mismatch: the body's {algo} does not match the digest the client "
+                "sent; nothing was stored"
+            )
+
+
+async def ensure_new_id(el: Element, file_id: uuid.UUID) -> None:
+    if await repo.file_exists(el.db, file_id):
+        raise Conflict(f"File with ID {file_id} already exists")
+
+
+async def store(el: Element, spec: UploadSpec, who: Identity,
+                chunks: AsyncIterator[bytes]) -> FileMeta:
+    """Store one upload durably.  Nothing is visible unless this returns."""
+    now = utcnow()
+    file_id = spec.file_id or uuid.uuid4()
+    if spec.file_id is not None:
+        await ensure_new_id(el, file_id)
+    meta = build_meta(spec, who, file_id, now)
+    attr_document(meta)  # 400 up front when the attr file would be too large
+    txid = uuid.uuid4()
+    need = spec.declared_size if spec.declared_size is not None else (
+        min(spec.size_bound, max_file_size(el)) if spec.size_bound else 0)
+    intent = {
+        "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
+        "data": {
+            "original_filename": meta.original_filename,
+            "storage_filename": meta.storage_filename, "storage_path": meta.storage_path,
+            "relative_path": meta.relative_path, "content_type": meta.content_type,
+        },
+    }
+    await _reserve(el, txid, need, insert=intent)
+    visible = False
+    try:
+        async with el.backend.create(meta.relative_path, spec.declared_size) as writer:
+            await _stream(el, spec, txid, writer, chunks, need)
+            _verify_digests(spec, writer)
+            meta.file_size, meta.checksum = writer.size, writer.sha256
+            document = attr_document(meta)
+            await writer.commit()
+            visible = True
+        await el.backend.write_attr(meta.relative_path, document)
+        meta = await _finish(el, meta, txid)
+    except BaseException as exc:
+        await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
+        raise
+    return meta
+
+
+async def _finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
+    result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
+              "file_size": meta.file_size}
+    try:
+        async with el.db.pool.acquire() as conn, conn.transaction():
+            row = await repo.insert_file(conn, el.db.q, meta)
+            await repo.commit_wal(conn, el.db.q, txid, result, utcnow())
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"File with ID {meta.file_id} already exists") from None
+    return row
+
+
+async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
+                *, remove_data: bool) -> None:
+    reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
+    try:
+        if remove_data:
+            await el.backend.delete(meta.relative_path)
+        await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
+    except Exception:  # recovery will resolve the pending row; never mask the real error
+        log.exception("could not roll back upload %s (WAL %s)", meta.file_id, txid)

@@ -1,0 +1,141 @@
+"""``GET``/``HEAD /api/v1/files/{id}/download``: conditional, ranged, streamed.
+
+The data object is opened *before* any header is sent, so a missing file is a
+404 JSON, never a truncated 200.  Local files go out with ``sendfile`` where the
+event loop supports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import hdrs, web
+
+from .. import files, httputil, validate
+from ..access import Access, gate
+from ..backends.base import ObjectMissing, Reader
+from ..element import element
+from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable, StorageError
+from ..models import FileMeta
+
+CHUNK = 256 * 1024
+MAX_RANGES = 16
+
+
+class DamagedFile(StorageError):
+    status, code = 500, "damaged_file"
+
+
+def _headers(meta: FileMeta) -> dict[str, str]:
+    return {
+        hdrs.ETAG: httputil.etag_for(meta.checksum),
+        hdrs.LAST_MODIFIED: httputil.http_date(meta.created_at),
+        hdrs.ACCEPT_RANGES: "bytes",
+        hdrs.CONTENT_DISPOSITION: httputil.content_disposition(meta.original_filename),
+        hdrs.CACHE_CONTROL: "private, no-transform",
+        "Repr-Digest": f"sha-256=:{_b64(meta.checksum)}:",
+    }
+
+
+def _b64(hex_digest: str) -> str:
+    import base64
+
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
+
+
+def _not_modified(request: web.Request, meta: FileMeta, headers: dict[str, str]) -> bool:
+    etag = headers[hdrs.ETAG]
+    if httputil.if_match(request.headers.get(hdrs.IF_MATCH), etag) is False:
+        raise PreconditionFailed("If-Match does not match the stored file")
+    inm = request.headers.get(hdrs.IF_NONE_MATCH)
+    if inm is not None:
+        return httputil.if_none_match(inm, etag)
+    return httputil.if_modified_since(request.headers.get(hdrs.IF_MODIFIED_SINCE),
+                                      meta.created_at)
+
+
+def _ranges(request: web.Request, meta: FileMeta, etag: str) -> list[tuple[int, int]] | None:
+    header = request.headers.get(hdrs.RANGE)
+    if header is None or not httputil.if_range_allows(
+            request.headers.get(hdrs.IF_RANGE), etag, meta.created_at):
+        return None
+    try:
+        return httputil.parse_range(header, meta.file_size, max_ranges=MAX_RANGES)
+    except httputil.RangeNotSatisfiable as exc:
+        raise RangeNotSatisfiable(
+            f"Range {header[:100]!r} is not satisfiable for a file of {meta.file_size} bytes",
+            headers={hdrs.CONTENT_RANGE: exc.content_range},
+        ) from None
+
+
+@gate(Access.READ)
+async def download(request: web.Request) -> web.StreamResponse:
+    el = element(request)
+    file_id = validate.file_id(request.match_info["file_id"])
+    meta = await files.get(el, file_id)
+    headers = _headers(meta)
+    if _not_modified(request, meta, headers):
+        return web.Response(status=304, headers=headers)
+    ranges = _ranges(request, meta, headers[hdrs.ETAG])
+    try:
+        reader = await el.backend.open(meta.relative_path)
+    except ObjectMissing:
+        raise NotFound(f"File {file_id} not found: its stored data is missing") from None
+    try:
+        if reader.info.size != meta.file_size:
+            raise DamagedFile(f"Stored data of {file_id} is damaged (size differs); "
+                              "an operator has been told")
+        return await _send(request, meta, reader, headers, ranges)
+    finally:
+        await reader.close()
+
+
+async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
+    content_type = meta.content_type or "application/octet-stream"
+    if ranges is None:
+        resp = _response(200, headers, content_type, meta.file_size)
+        parts = [(b"", 0, meta.file_size - 1)] if meta.file_size else []
+        trailer = b""
+    elif len(ranges) == 1:
+        start, end = ranges[0]
+        headers[hdrs.CONTENT_RANGE] = httputil.content_range(start, end, meta.file_size)
+        resp = _response(206, headers, content_type, end - start + 1)
+        parts, trailer = [(b"", start, end)], b""
+    else:
+        plan = httputil.multipart_byteranges(ranges, meta.file_size, content_type)
+        resp = _response(206, headers, plan.content_type, plan.content_length)
+        parts, trailer = plan.parts, plan.trailer
+    await resp.prepare(request)
+    if request.method == hdrs.METH_HEAD:
+        return resp
+    for head, start, end in parts:
+        if head:
+            await resp.write(head)
+        await _copy(request, resp, reader, start, end)
+    if trailer:
+        await resp.write(trailer)
+    await resp.write_eof()
+    return resp
+
+
+def _response(status: int, headers: dict[str, str], content_type: str,
+              length: int) -> web.StreamResponse:
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_type = content_type
+    resp.content_length = length
+    return resp
+
+
+async def _copy(request: web.Request, resp: web.StreamResponse, reader: Reader,
+                start: int, end: int) -> None:
+    """Bytes ``start..end`` of the object to the client; sendfile when possible."""
+    if reader.info.path is not None and getattr(reader, "fobj", None) is not None:
+        transport = request.transport
+        if transport is not None:
+            with contextlib.suppress(NotImplementedError):
+                await asyncio.get_running_loop().sendfile(
+                    transport, reader.fobj, start, end - start + 1)
+                return
+    async for chunk in reader.iter_range(start, end, CHUNK):
+        await resp.write(chunk)

@@ -1,0 +1,285 @@
+"""``/api/v1/files``: upload (multipart and raw PUT), metadata, PATCH, DELETE, list."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
+
+from .. import files, httputil, uploads, validate
+from ..access import Access, gate, identity
+from ..auth import check_request_auth
+from ..element import Element, element
+from ..errors import BadRequest, StorageError, render
+from ..uploads import UploadSpec
+
+MAX_FIELDS = 64
+MAX_FIELD_BYTES = 64 * 1024
+MAX_LIST = 100
+UPLOAD_MODES = ("edit", "rw")
+
+
+class RequestTimeout(StorageError):
+    status, code = 408, "request_timeout"
+
+
+def require_mode(el: Element, action: str) -> None:
+    """The artStore mode matrix (reference §1.2), with its exact messages."""
+    mode = el.runtime.mode
+    if action == "delete" and mode != "edit":
+        raise BadRequest(
+            f"File deletion not allowed in {mode} mode. Only EDIT mode allows deletion."
+        )
+    if action == "upload" and mode not in UPLOAD_MODES:
+        raise BadRequest(f"File upload not allowed in {mode} mode")
+    if action == "update" and mode not in UPLOAD_MODES:
+        raise BadRequest(f"Metadata update not allowed in {mode} mode")
+
+
+def _declared(request: web.Request) -> int | None:
+    return request.content_length if "chunked" not in request.headers.get(
+        hdrs.TRANSFER_ENCODING, "").lower() else None
+
+
+def _precheck_upload(request: web.Request) -> None:
+    """Checks that need no body: mode and announced size (auth ran already)."""
+    el = element(request)
+    require_mode(el, "upload")
+    uploads.check_declared_size(el, _declared(request))
+
+
+async def upload_expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: refuse before the client sends a single body byte."""
+    refused = await check_request_auth(request)
+    if refused is not None:
+        refused.headers["Connection"] = "close"
+        return refused
+    try:
+        _precheck_upload(request)
+    except StorageError as exc:
+        exc.headers.setdefault("Connection", "close")
+        return render(exc)
+    return await _default_expect_handler(request)
+
+
+async def _read_chunks(read, size: int, timeout: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await read(size)
+        except TimeoutError:
+            raise RequestTimeout(f"No upload data received for {timeout:g} seconds") from None
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _body_chunks(request: web.Request, size: int, timeout: float) -> AsyncIterator[bytes]:
+    """The raw body in pieces of about ``size`` bytes (fewer executor hops than readany)."""
+    content = request.content
+
+    async def read(n: int) -> bytes:
+        try:
+            return await content.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    async for chunk in _read_chunks(read, size, timeout):
+        yield chunk
+
+
+async def _field_text(part: BodyPartReader) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(16384):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise BadRequest(f"form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"form field {part.name!r} is not valid UTF-8") from None
+
+
+def _apply_field(spec: UploadSpec, name: str, value: str, *, after_file: bool) -> None:
+    if name == "description":
+        spec.description = validate.text(value, "description", max_len=4096)
+    elif name == "version":
+        spec.version = validate.text(value, "version", max_len=50) or None
+    elif name == "metadata":
+        parsed = validate.strict_json(value, "metadata") if value.strip() else None
+        spec.metadata = validate.metadata_object(parsed)
+    elif name == "file_id":
+        if after_file:
+            raise BadRequest("file_id must be sent before the file part")
+        if value.strip():
+            try:
+                spec.file_id = uuid.UUID(value.strip())
+            except ValueError:
+                raise BadRequest(f"Invalid file_id format: {value[:100]}") from None
+
+
+class MultipartUpload:
+    """Walks a multipart body: fields before the file, the file streamed, fields after."""
+
+    def __init__(self, reader: MultipartReader, el: Element) -> None:
+        self.reader = reader
+        self.el = el
+        self.count = 0
+
+    async def next_part(self) -> BodyPartReader | None:
+        part = await self.reader.next()
+        if part is None:
+            return None
+        self.count += 1
+        if self.count > MAX_FIELDS:
+            raise BadRequest(f"too many form parts (limit {MAX_FIELDS})")
+        if isinstance(part, MultipartReader):
+            raise BadRequest("nested multipart bodies are not supported")
+        return part
+
+    async def until_file(self, spec: UploadSpec) -> BodyPartReader:
+        while (part := await self.next_part()) is not None:
+            if part.name == "file":
+                return part
+            _apply_field(spec, part.name or "", await _field_text(part), after_file=False)
+        raise validate.invalid("file", "Field required", where="body")
+
+    async def file_then_rest(self, part: BodyPartReader, spec: UploadSpec) -> AsyncIterator[bytes]:
+        config = self.el.config
+        async for chunk in _read_chunks(part.read_chunk, config.upload_chunk_size,
+                                        config.upload_read_timeout):
+            yield chunk
+        while (part := await self.next_part()) is not None:
+            if part.name == "file":
+                raise BadRequest("more than one file part in the upload")
+            _apply_field(spec, part.name or "", await _field_text(part), after_file=True)
+
+
+@gate(Access.WRITE)
+async def upload(request: web.Request) -> web.Response:
+    el = element(request)
+    _precheck_upload(request)
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise BadRequest(f"expected a multipart/form-data body: {exc}") from None
+    walker = MultipartUpload(reader, el)
+    spec = UploadSpec(original_filename="file", size_bound=_declared(request),
+                      digests=_digests(request))
+    part = await walker.until_file(spec)
+    spec.original_filename = part.filename or "file"
+    spec.content_type = part.headers.get(hdrs.CONTENT_TYPE) or "application/octet-stream"
+    meta = await uploads.store(el, spec, identity(request), walker.file_then_rest(part, spec))
+    return _created(meta)
+
+
+def _digests(request: web.Request) -> dict[str, bytes]:
+    try:
+        return httputil.expected_digests(request.headers)
+    except httputil.BadDigest as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _created(meta) -> web.Response:
+    return web.json_response({
+        "file_id": str(meta.file_id),
+        "original_filename": meta.original_filename,
+        "storage_filename": meta.storage_filename,
+        "file_size": meta.file_size,
+        "checksum": meta.checksum,
+        "message": "File uploaded successfully",
+    }, status=201)
+
+
+def _raw_filename(request: web.Request, file_id: uuid.UUID) -> str:
+    name = request.query.get("filename")
+    if not name and (cd := request.headers.get(hdrs.CONTENT_DISPOSITION)):
+        _kind, params = _parse_disposition(cd)
+        name = params.get("filename")
+    return validate.text(name, "filename", max_len=1000) or str(file_id)
+
+
+def _parse_disposition(value: str) -> tuple[str, dict[str, str]]:
+    from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+
+    kind, params = parse_content_disposition(value)
+    name = content_disposition_filename(params, "filename")
+    return kind or "", {"filename": name} if name else {}
+
+
+@gate(Access.WRITE)
+async def put_raw(request: web.Request) -> web.Response:
+    el = element(request)
+    file_id = validate.file_id(request.match_info["file_id"])
+    _precheck_upload(request)
+    query = request.query
+    spec = UploadSpec(
+        original_filename=_raw_filename(request, file_id),
+        content_type=request.headers.get(hdrs.CONTENT_TYPE) or "application/octet-stream",
+        file_id=file_id, declared_size=_declared(request), digests=_digests(request),
+    )
+    for name in ("description", "version", "metadata"):
+        if name in query:
+            _apply_field(spec, name, query[name], after_file=False)
+    chunks = _body_chunks(request, el.config.upload_chunk_size, el.config.upload_read_timeout)
+    meta = await uploads.store(el, spec, identity(request), chunks)
+    return _created(meta)
+
+
+@gate(Access.READ)
+async def get_metadata(request: web.Request) -> web.Response:
+    file_id = validate.file_id(request.match_info["file_id"])
+    meta = await files.get(element(request), file_id)
+    return web.json_response(meta.to_response())
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > request.app._client_max_size:
+        raise BadRequest("request body too large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest("request body too large (limit 1 MiB)") from None
+    body = validate.strict_json(raw or b"{}")
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+@gate(Access.WRITE)
+async def patch(request: web.Request) -> web.Response:
+    el = element(request)
+    file_id = validate.file_id(request.match_info["file_id"])
+    body = await _json_body(request)
+    require_mode(el, "update")
+    meta = await files.update(
+        el, file_id, identity(request),
+        description=validate.text(body.get("description"), "description", max_len=4096),
+        version=validate.text(body.get("version"), "version", max_len=50),
+        metadata=validate.metadata_object(body.get("metadata")),
+    )
+    return web.json_response(meta.to_response())
+
+
+@gate(Access.DELETE)
+async def delete(request: web.Request) -> web.Response:
+    el = element(request)
+    file_id = validate.file_id(request.match_info["file_id"])
+    require_mode(el, "delete")
+    if await files.delete(el, file_id, identity(request)) is None:
+        raise files.NotFound(f"File not found: {file_id}")
+    return web.Response(status=204, content_type="application/json")
+
+
+@gate(Access.READ)
+async def list_files(request: web.Request) -> web.Response:
+    el = element(request)
+    skip = validate.int_param(request.query.get("skip"), "skip", 0)
+    limit = validate.int_param(request.query.get("limit"), "limit", MAX_LIST, lo=0,
+                               hi=MAX_LIST, clamp=True)
+    rows, total = await files.page(el, limit, skip)
+    return web.json_response({"total": total, "files": [m.to_response() for m in rows]})
