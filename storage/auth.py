@@ -1,0 +1,385 @@
+"""JWT authentication and per-route authorization (reference §1.1, §10).
+
+Accepts exactly the RS256 tokens artStore's admin module issues, without the
+upstream holes (§15.2 items 1-2): the algorithm is pinned, unknown roles are
+demoted to ``readonly`` (never escalated), refresh tokens are refused, and keys
+follow rotation without a restart.  Runs before any body byte is read: from
+:func:`auth_middleware`, or :func:`check_request_auth` in an Expect handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from yarl import URL
+
+from . import devkeys
+from .access import Access, Identity, identity_key, required_access
+from .appkeys import auth_key, config_key
+from .config import Config
+from .errors import Forbidden, StorageError, Unauthorized, render
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES = 8 * 1024
+MIN_KEY_BITS = 2048
+PEM_CHECK_INTERVAL = 1.0
+JWKS_REFRESH_INTERVAL = 60.0
+JWKS_RETRY_AFTER_FAILURE = 5.0  # an endpoint down at startup must not lock us out for a minute
+REQUIRED_CLAIMS = ["exp", "nbf", "iat", "sub", "type", "role", "name", "jti"]
+BEARER_TYPES = ("admin_user", "service_account", "access")  # "refresh" is deliberately absent
+# Everything a malformed token can make pyjwt / cryptography / base64 / json raise.
+_TOKEN_ERRORS = (jwt.PyJWTError, ValueError, TypeError, KeyError, binascii.Error,
+                 InvalidSignature, UnsupportedAlgorithm)
+_ROLES = {"admin": "admin", "operator": "operator", "user": "user", "super_admin": "admin"}
+_INVALID_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+_GATES: dict[Access, tuple[Callable[[Identity], bool], str]] = {
+    Access.WRITE: (lambda i: i.role in ("admin", "operator", "user"),
+                   "Write access required: role admin, operator or user"),
+    Access.DELETE: (lambda i: i.role in ("admin", "operator"), "Operator or admin access required"),
+    Access.SERVICE: (lambda i: i.is_service_account,
+                     "Service account access required. "
+                     "Only service accounts can perform GC operations."),
+    Access.ADMIN: (lambda i: i.role == "admin", "Admin access required: role admin"),
+}
+
+
+class AuthConfigError(RuntimeError):
+    """The JWT key configuration is unusable; the message is one line naming the setting."""
+
+
+def invalid_token(detail: str = "Invalid or expired token") -> Unauthorized:
+    return Unauthorized(detail, headers=_INVALID_HEADERS)
+
+
+def load_public_key(path: Path, setting: str = "JWT_PUBLIC_KEY_PATH") -> rsa.RSAPublicKey:
+    """Read an RSA public key (>= 2048 bits) from a PEM file.
+
+    :raises AuthConfigError: unreadable file, not PEM, not RSA, or too short.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise AuthConfigError(f"{setting}={path}: cannot read key file ({exc.strerror})") from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise AuthConfigError(f"{setting}={path}: not a PEM-encoded public key") from None
+    return _check_rsa(key, f"{setting}={path}")
+
+
+def _check_rsa(key: Any, where: str) -> rsa.RSAPublicKey:
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise AuthConfigError(f"{where}: not an RSA public key (tokens are RS256)")
+    if key.key_size < MIN_KEY_BITS:
+        raise AuthConfigError(f"{where}: RSA key is {key.key_size} bits, need >= {MIN_KEY_BITS}")
+    return key
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class PemKeySource:
+    """A PEM public key file, re-read when its inode, size or mtime changes."""
+
+    def __init__(self, path: Path, now: float) -> None:
+        self.path = Path(path)
+        self.key = load_public_key(self.path)
+        self._stamp = _stamp(self.path)
+        self._next_check = now + PEM_CHECK_INTERVAL
+
+    def current(self, now: float) -> rsa.RSAPublicKey:
+        """The key to verify with; at most one cheap ``os.stat`` per interval."""
+        if now >= self._next_check:
+            self._next_check = now + PEM_CHECK_INTERVAL
+            self._reload_if_changed()
+        return self.key
+
+    def _reload_if_changed(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+        except OSError:
+            return  # mid-rotation (rm + create): keep the loaded key, look again later
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a broken new file is reported once, not every second
+        try:
+            self.key = load_public_key(self.path)
+            log.info("JWT public key reloaded from %s", self.path)
+        except AuthConfigError as exc:
+            log.error("JWT key reload failed, keeping the previous key: %s", exc)
+
+
+def parse_jwks(doc: Any) -> dict[str, rsa.RSAPublicKey]:
+    """Usable RS256 signing keys of a JWKS document, by ``kid``; others are skipped.
+
+    :raises ValueError: ``doc`` is not a JWKS document.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("not a JWKS document (no 'keys' list)")
+    keys: dict[str, rsa.RSAPublicKey] = {}
+    for index, jwk in enumerate(doc["keys"]):
+        if not (isinstance(jwk, dict) and jwk.get("kty") == "RSA"
+                and jwk.get("use", "sig") == "sig" and jwk.get("alg", "RS256") == "RS256"):
+            continue
+        kid = jwk.get("kid") if isinstance(jwk.get("kid"), str) else f"#{index}"
+        try:
+            key = RSAAlgorithm.from_jwk(jwk)
+            if isinstance(key, rsa.RSAPrivateKey):
+                key = key.public_key()
+            keys[kid] = _check_rsa(key, f"JWKS key {kid!r}")
+        except (*_TOKEN_ERRORS, AuthConfigError) as exc:
+            log.warning("JWKS: skipping key %r: %s", kid, exc)
+    return keys
+
+
+class JwksSource:
+    """Keys fetched from a JWKS URL, cached, refreshed at most once per interval."""
+
+    def __init__(self, url: str) -> None:
+        parsed = URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise AuthConfigError(f"JWT_JWKS_URL={url!r}: must be an http(s) URL")
+        self.url = url
+        self.keys: dict[str, rsa.RSAPublicKey] = {}
+        self.fetches = 0
+        self._next_allowed = float("-inf")
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def refresh(self, now: float) -> None:
+        """Re-fetch unless one happened within the interval; failures are logged, not raised."""
+        async with self._lock:  # concurrent requests with a new kid share one fetch
+            if now < self._next_allowed:
+                return
+            self._next_allowed = now + JWKS_RETRY_AFTER_FAILURE
+            try:
+                self.keys = await self._fetch()
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                log.warning("JWKS fetch from %s failed: %s: %s", self.url, type(exc).__name__, exc)
+                return
+            self._next_allowed = now + JWKS_REFRESH_INTERVAL
+            log.info("JWKS: %d key(s) loaded from %s", len(self.keys), self.url)
+
+    async def _fetch(self) -> dict[str, rsa.RSAPublicKey]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.fetches += 1
+        async with self._session.get(self.url) as resp:
+            resp.raise_for_status()
+            return parse_jwks(await resp.json(content_type=None))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Authenticator:
+    """Verifies bearer tokens against the configured PEM file and/or JWKS URL.
+
+    :raises AuthConfigError: no key source configured, or the PEM file is unusable.
+    """
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not config.jwt_public_key_path and not config.jwt_jwks_url:
+            raise AuthConfigError("JWT_PUBLIC_KEY_PATH is not set (nor JWT_JWKS_URL): "
+                                  "the service does not run without authentication")
+        self.clock = clock
+        path, url = config.jwt_public_key_path, config.jwt_jwks_url
+        self.pem = PemKeySource(path, clock()) if path else None
+        self.jwks = JwksSource(url) if url else None
+        self.leeway = config.jwt_leeway_seconds
+        self.issuer, self.audience = config.jwt_issuer, config.jwt_audience
+
+    async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.refresh(self.clock())
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    async def verify(self, token: str) -> Identity:
+        """The caller's Identity for ``token``.
+
+        :raises Unauthorized: with ``WWW-Authenticate: Bearer error="invalid_token"``
+            for anything but a valid, current, RS256-signed bearer token.
+        """
+        if not isinstance(token, str) or len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
+            raise invalid_token()
+        try:
+            claims = await self._decode(token)
+        except _TOKEN_ERRORS as exc:
+            log.info("token rejected: %s: %s", type(exc).__name__, exc)
+            raise invalid_token() from None
+        return to_identity(claims)
+
+    async def _decode(self, token: str) -> dict[str, Any]:
+        kid = jwt.get_unverified_header(token).get("kid") or None  # pyjwt insists on a str
+        keys = await self._candidate_keys(kid)
+        if not keys:
+            raise jwt.InvalidKeyError(f"no key for kid {kid!r}")
+        for key in keys[:-1]:
+            try:
+                return self._decode_with(token, key)
+            except jwt.InvalidSignatureError:
+                continue
+        return self._decode_with(token, keys[-1])
+
+    async def _candidate_keys(self, kid: str | None) -> list[rsa.RSAPublicKey]:
+        now = self.clock()
+        keys: list[rsa.RSAPublicKey] = []
+        if self.jwks is not None:
+            if (kid not in self.jwks.keys) if kid else (not self.jwks.keys):
+                await self.jwks.refresh(now)
+            if kid is None:
+                keys.extend(self.jwks.keys.values())
+            elif kid in self.jwks.keys:
+                keys.append(self.jwks.keys[kid])
+        if self.pem is not None:  # the file key signs tokens with or without a kid
+            keys.append(self.pem.current(now))
+        return keys
+
+    def _decode_with(self, token: str, key: rsa.RSAPublicKey) -> dict[str, Any]:
+        # algorithms is pinned, never taken from the token header (RFC 8725 §2.1).
+        return jwt.decode(
+            token, key, algorithms=["RS256"], leeway=self.leeway,
+            issuer=self.issuer, audience=self.audience,
+            options={"require": REQUIRED_CLAIMS, "enforce_minimum_key_length": True,
+                     # upstream rejected any token with aud; we ignore aud unless configured
+                     "verify_aud": self.audience is not None},
+        )
+
+
+def _text(claims: dict[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise invalid_token()
+    return value.strip()
+
+
+def map_role(role: str) -> str:
+    """admin/operator/user as is, super_admin -> admin, anything else -> readonly."""
+    return _ROLES.get(role.strip().lower(), "readonly")
+
+
+def to_identity(claims: dict[str, Any]) -> Identity:
+    """Map verified claims to an Identity (reference §10 token-type mapping).
+
+    :raises Unauthorized: refresh tokens, unknown types, empty sub/name/jti, non-string role.
+    """
+    sub, name, jti, token_type = (_text(claims, k) for k in ("sub", "name", "jti", "type"))
+    role = claims.get("role")
+    if not isinstance(role, str):
+        raise invalid_token()
+    if token_type == "refresh":
+        raise invalid_token("Refresh tokens are not accepted as bearer tokens")
+    if token_type not in BEARER_TYPES:
+        raise invalid_token()
+    client_id = claims.get("client_id")
+    service = token_type == "service_account" or (
+        token_type == "access" and isinstance(client_id, str) and client_id.startswith("sa_"))
+    return Identity(sub=sub, name=name, role=map_role(role), token_type=token_type,
+                    is_service_account=service, jti=jti, claims=dict(claims))
+
+
+def authorize(ident: Identity, access: Access) -> None:
+    """:raises Forbidden: naming what ``access`` requires, when ``ident`` lacks it."""
+    rule = _GATES.get(access)
+    if rule is not None and not rule[0](ident):
+        raise Forbidden(rule[1])
+
+
+def bearer_token(request: web.BaseRequest) -> str:
+    """The token of ``Authorization: Bearer <token>``.
+
+    :raises Unauthorized: no credentials (``Not authenticated``) or another scheme.
+    """
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if not scheme or not credentials.strip():
+        raise Unauthorized("Not authenticated", headers=_CHALLENGE)
+    if scheme.lower() != "bearer":  # upstream answered 403 here; a missing credential is 401
+        raise Unauthorized("Invalid authentication credentials", headers=_CHALLENGE)
+    return credentials.strip()
+
+
+async def authenticate(request: web.Request) -> Identity | None:
+    """Enforce the matched route's access level; store and return the caller's Identity.
+
+    Returns None for PUBLIC routes and router errors (404/405 stay theirs).
+    Idempotent: an Identity already on the request is reused, not re-verified.
+
+    :raises Unauthorized: missing, malformed, invalid or expired credentials.
+    :raises Forbidden: valid token whose role or type the route does not admit.
+    """
+    access = required_access(request)
+    if access is None or access is Access.PUBLIC:
+        return None
+    ident = request.get(identity_key)
+    if ident is None:
+        ident = await request.app[auth_key].verify(bearer_token(request))
+        request[identity_key] = ident
+    authorize(ident, access)
+    return ident
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Authenticate before the handler runs; never touches the body."""
+    await authenticate(request)
+    return await handler(request)
+
+
+async def check_request_auth(request: web.Request) -> web.Response | None:
+    """For an ``Expect: 100-continue`` handler: a rendered 401/403, or None when allowed."""
+    try:
+        await authenticate(request)
+    except StorageError as exc:
+        resp = render(exc)
+        resp.force_close()  # the announced body was never read; don't reuse the connection
+        return resp
+    return None
+
+
+async def _with_key_source(config: Config) -> Config:
+    if config.jwt_public_key_path or config.jwt_jwks_url:
+        return config
+    if not config.embedded:
+        raise AuthConfigError("JWT_PUBLIC_KEY_PATH is not set (nor JWT_JWKS_URL): "
+                              "configure the admin module's public key")
+    keys_dir = config.data_dir / "keys"
+    _, public = await asyncio.to_thread(devkeys.ensure_dev_keys, keys_dir)
+    log.warning("JWT: no key configured, using DEVELOPMENT keys in %s; mint a token with: "
+                "python run.py token --role admin --type service_account --name me", keys_dir)
+    return config.with_(jwt_public_key_path=public)
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: build the Authenticator into ``app[auth_key]``; close it on exit.
+
+    :raises AuthConfigError: no usable key (dev keys only on the embedded default).
+    """
+    authenticator = Authenticator(await _with_key_source(app[config_key]))
+    await authenticator.start()
+    app[auth_key] = authenticator
+    try:
+        yield
+    finally:
+        await authenticator.close()
