@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -171,6 +172,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         skip = ("content-type", "content-length")
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
         return problem(exc.status, _http_detail(exc), headers=headers)
+    except HttpProcessingError as exc:  # malformed framing found while reading the body
+        reason = (exc.message or type(exc).__name__).strip().splitlines()[0][:200]
+        return problem(400, f"Malformed request: {reason}", code="malformed_request")
     except asyncio.CancelledError:
         raise
     except TimeoutError:

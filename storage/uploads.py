@@ -181,6 +181,9 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             await _stream(el, spec, txid, writer, chunks, need)
             _verify_digests(spec, writer)
             meta.file_size, meta.checksum = writer.size, writer.sha256
+            # multipart fields that followed the file part
+            meta.description, meta.version = spec.description, spec.version
+            meta.metadata_json = spec.metadata
             document = attr_document(meta)
             await writer.commit()
             visible = True

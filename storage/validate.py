@@ -8,6 +8,7 @@ with a 4xx naming the field, so nothing malformed ever reaches the database.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from typing import Any
@@ -60,6 +61,22 @@ def text(value: Any, name: str, *, max_len: int, allow_none: bool = True) -> str
     return value
 
 
+_MEDIA_TYPE = re.compile(
+    r"[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+*-]{1,127}"
+    r"(?:\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(?:[A-Za-z0-9!#$&^_.+-]+|\"[\x20-\x21\x23-\x7e]*\"))*"
+)
+
+
+def content_type(value: str | None) -> str:
+    """A media type safe to store and to echo in a header (RFC 9110 §8.3.1)."""
+    if not value or not value.strip():
+        return "application/octet-stream"
+    value = value.strip()
+    if len(value) > 255 or not _MEDIA_TYPE.fullmatch(value):
+        raise BadRequest(f"Content type {value[:80]!r} is not a valid media type")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -83,6 +100,9 @@ def _check(value: Any, depth: int, where: str) -> None:
     elif isinstance(value, int):
         if abs(value) > MAX_JSON_INT:
             raise BadRequest(f"{where} contains a number too large to store exactly")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadRequest(f"{where} contains a number out of range")
     elif isinstance(value, dict):
         for key, item in value.items():
             text(key, f"{where} key", max_len=1024)

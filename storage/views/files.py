@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from .. import files, httputil, uploads, validate
@@ -122,6 +123,11 @@ def _apply_field(spec: UploadSpec, name: str, value: str, *, after_file: bool) -
                 raise BadRequest(f"Invalid file_id format: {value[:100]}") from None
 
 
+def _reason(exc: Exception) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0][:200]
+
+
 class MultipartUpload:
     """Walks a multipart body: fields before the file, the file streamed, fields after."""
 
@@ -131,7 +137,10 @@ class MultipartUpload:
         self.count = 0
 
     async def next_part(self) -> BodyPartReader | None:
-        part = await self.reader.next()
+        try:
+            part = await self.reader.next()
+        except (HttpProcessingError, ValueError, AssertionError) as exc:
+            raise BadRequest(f"malformed multipart body: {_reason(exc)}") from None
         if part is None:
             return None
         self.count += 1
@@ -150,9 +159,12 @@ class MultipartUpload:
 
     async def file_then_rest(self, part: BodyPartReader, spec: UploadSpec) -> AsyncIterator[bytes]:
         config = self.el.config
-        async for chunk in _read_chunks(part.read_chunk, config.upload_chunk_size,
-                                        config.upload_read_timeout):
-            yield chunk
+        try:
+            async for chunk in _read_chunks(part.read_chunk, config.upload_chunk_size,
+                                            config.upload_read_timeout):
+                yield chunk
+        except (HttpProcessingError, ValueError, AssertionError) as exc:
+            raise BadRequest(f"malformed multipart body: {_reason(exc)}") from None
         while (part := await self.next_part()) is not None:
             if part.name == "file":
                 raise BadRequest("more than one file part in the upload")
@@ -171,8 +183,8 @@ async def upload(request: web.Request) -> web.Response:
     spec = UploadSpec(original_filename="file", size_bound=_declared(request),
                       digests=_digests(request))
     part = await walker.until_file(spec)
-    spec.original_filename = part.filename or "file"
-    spec.content_type = part.headers.get(hdrs.CONTENT_TYPE) or "application/octet-stream"
+    spec.original_filename = validate.text(part.filename, "filename", max_len=500) or "file"
+    spec.content_type = validate.content_type(part.headers.get(hdrs.CONTENT_TYPE))
     meta = await uploads.store(el, spec, identity(request), walker.file_then_rest(part, spec))
     return _created(meta)
 
@@ -200,7 +212,7 @@ def _raw_filename(request: web.Request, file_id: uuid.UUID) -> str:
     if not name and (cd := request.headers.get(hdrs.CONTENT_DISPOSITION)):
         _kind, params = _parse_disposition(cd)
         name = params.get("filename")
-    return validate.text(name, "filename", max_len=1000) or str(file_id)
+    return validate.text(name, "filename", max_len=500) or str(file_id)
 
 
 def _parse_disposition(value: str) -> tuple[str, dict[str, str]]:
@@ -219,7 +231,7 @@ async def put_raw(request: web.Request) -> web.Response:
     query = request.query
     spec = UploadSpec(
         original_filename=_raw_filename(request, file_id),
-        content_type=request.headers.get(hdrs.CONTENT_TYPE) or "application/octet-stream",
+        content_type=validate.content_type(request.headers.get(hdrs.CONTENT_TYPE)),
         file_id=file_id, declared_size=_declared(request), digests=_digests(request),
     )
     for name in ("description", "version", "metadata"):

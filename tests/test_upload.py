@@ -1,0 +1,340 @@
+"""Uploads: multipart and raw PUT, durability, limits, integrity, hostile names."""
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import uuid
+
+import asyncpg
+import pytest
+from helpers import (
+    form,
+    random_bytes,
+    raw_multipart,
+    sha256,
+    stored_files,
+    temp_files,
+    upload,
+)
+
+UPLOAD = "/api/v1/files/upload"
+
+
+async def test_upload_success_returns_the_contract_keys(client, auth, config):
+    data = b"report body"
+    body = await upload(client, auth(name="ingester-module"), data, "report final.pdf",
+                        "application/pdf")
+    assert set(body) == {"file_id", "original_filename", "storage_filename", "file_size",
+                         "checksum", "message"}
+    assert body["original_filename"] == "report final.pdf"
+    assert body["file_size"] == len(data) and body["checksum"] == sha256(data)
+    assert body["message"] == "File uploaded successfully"
+    uuid.UUID(body["file_id"])
+    assert re.fullmatch(r"report final_ingester-module_\d{8}T\d{6}_" + body["file_id"] + r"\.pdf",
+                        body["storage_filename"])
+
+
+async def test_directory_structure_and_attr_file_on_disk(client, auth, config):
+    body = await upload(client, auth(), b"abc", "x.txt", description="d", version="1.0",
+                        metadata=json.dumps({"project": "alpha", "n": 3}))
+    meta = await (await client.get(f"/api/v1/files/{body['file_id']}", headers=auth())).json()
+    assert re.fullmatch(r"\d{4}/\d{2}/\d{2}/\d{2}/", meta["storage_path"])
+    data_path = config.storage_local_base_path / meta["storage_path"] / meta["storage_filename"]
+    assert data_path.read_bytes() == b"abc"
+    attr = json.loads(data_path.with_name(data_path.name + ".attr.json").read_text())
+    assert list(attr)[:15] == [
+        "file_id", "original_filename", "storage_filename", "file_size", "content_type",
+        "created_at", "updated_at", "created_by_id", "created_by_username",
+        "created_by_fullname", "description", "version", "storage_path", "checksum", "metadata"]
+    assert attr["schema_version"] == "2.0"
+    assert attr["custom_attributes"] == {"project": "alpha", "n": 3}
+    assert attr["checksum"] == sha256(b"abc") and attr["description"] == "d"
+    assert attr["created_at"].endswith("+00:00")
+    assert not temp_files(config.storage_local_base_path)
+
+
+async def test_store_and_retrieve_large_file(client, auth):
+    data = random_bytes(10 * 1024 * 1024 + 17)
+    body = await upload(client, auth(), data, "big.bin", "application/octet-stream")
+    assert body["file_size"] == len(data) and body["checksum"] == sha256(data)
+    resp = await client.get(f"/api/v1/files/{body['file_id']}/download", headers=auth())
+    got = await resp.read()
+    assert resp.status == 200 and hashlib.sha256(got).hexdigest() == body["checksum"]
+
+
+async def test_custom_attributes_and_given_file_id_are_kept(client, auth):
+    fid = str(uuid.uuid4())
+    body = await upload(client, auth(), b"x", file_id=fid, description="about",
+                        metadata='{"k": "v"}', uploaded_by_username="ignored", ttl_days="")
+    assert body["file_id"] == fid
+    meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
+    assert meta["description"] == "about"
+
+
+async def test_fields_after_the_file_part_are_applied(client, auth):
+    f = form(b"late", "l.txt")
+    f.add_field("description", "came after the file")
+    resp = await client.post(UPLOAD, data=f, headers=auth())
+    assert resp.status == 201
+    fid = (await resp.json())["file_id"]
+    meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
+    assert meta["description"] == "came after the file"
+
+
+async def test_duplicate_file_id_is_409_and_leaves_the_first(client, auth, config):
+    fid = str(uuid.uuid4())
+    await upload(client, auth(), b"first", file_id=fid)
+    before = stored_files(config.storage_local_base_path)
+    body = await upload(client, auth(), b"second", file_id=fid, status=409)
+    assert fid in body["detail"]
+    assert stored_files(config.storage_local_base_path) == before
+
+
+async def test_zero_byte_file_is_accepted(client, auth):
+    body = await upload(client, auth(), b"", "empty.txt")
+    assert body["file_size"] == 0 and body["checksum"] == sha256(b"")
+    resp = await client.get(f"/api/v1/files/{body['file_id']}/download", headers=auth())
+    assert resp.status == 200 and await resp.read() == b""
+
+
+async def test_missing_file_part_is_422_and_bad_file_id_400(client, auth):
+    f = form(b"x")
+    resp = await client.post(UPLOAD, data={"description": "no file"}, headers=auth())
+    assert resp.status in (400, 422)
+    f = form(b"x", file_id="not-a-uuid")
+    resp = await client.post(UPLOAD, data=f, headers=auth())
+    assert resp.status == 400 and "Invalid file_id format" in (await resp.json())["detail"]
+
+
+async def test_non_multipart_body_is_400(client, auth):
+    resp = await client.post(UPLOAD, data=b"raw", headers={**auth(),
+                                                           "Content-Type": "text/plain"})
+    assert resp.status == 400 and "multipart" in (await resp.json())["detail"]
+
+
+async def test_two_file_parts_are_refused_and_nothing_stays(client, auth, config):
+    f = form(b"one", "1.txt")
+    f.add_field("file", b"two", filename="2.txt")
+    resp = await client.post(UPLOAD, data=f, headers=auth())
+    assert resp.status == 400 and "more than one file" in (await resp.json())["detail"]
+    assert not stored_files(config.storage_local_base_path)
+
+
+@pytest.mark.parametrize("name", [
+    "../../etc/passwd", "..", "/abs/path.txt", "a\\..\\b.txt", "nul\x00byte.txt",
+    "ctrl\x01\x1f.txt", "x" * 496 + ".txt", "о" * 200 + ".txt", "🙂" * 120, "%2e%2e%2f.txt",
+    "tab\tname.txt", "a" * 200 + ".verylongextension_that_is_not_one",
+])
+async def test_hostile_names_stay_inside_the_storage_root(client, auth, config, name):
+    data, ctype = raw_multipart(name, b"data")
+    resp = await client.post(UPLOAD, data=data, headers={**auth(), "Content-Type": ctype})
+    body = await resp.json()
+    if "\x00" in name or "\x01" in name:  # refused while parsing the part headers
+        assert resp.status == 400 and body["detail"]
+        assert not stored_files(config.storage_local_base_path)
+        return
+    assert resp.status == 201, body
+    sf = body["storage_filename"]
+    assert "/" not in sf and "\x00" not in sf and len(sf.encode()) <= 245
+    root = config.storage_local_base_path.resolve()
+    for path in stored_files(root):
+        assert path.resolve().is_relative_to(root)
+        assert len(path.name.encode()) <= 255
+
+
+async def test_name_over_500_characters_is_400_before_the_body(client, auth, config):
+    data, ctype = raw_multipart("n" * 501, b"data")
+    resp = await client.post(UPLOAD, data=data, headers={**auth(), "Content-Type": ctype})
+    assert resp.status == 400 and "filename" in (await resp.json())["detail"]
+    assert not stored_files(config.storage_local_base_path)
+
+
+async def test_name_with_nothing_usable_becomes_file(client, auth):
+    body = await upload(client, auth(), b"q", "???.txt")
+    assert body["storage_filename"].startswith("file_")
+
+
+async def test_bad_content_type_is_400(client, auth):
+    resp = await client.post(UPLOAD, data=form(b"x", content_type="не/тип"), headers=auth())
+    assert resp.status == 400 and "media type" in (await resp.json())["detail"]
+
+
+async def test_raw_put_upload(client, auth, config):
+    fid = str(uuid.uuid4())
+    data = random_bytes(300_000)
+    resp = await client.put(f"/api/v1/files/{fid}?filename=raw%20name.bin", data=data,
+                            headers={**auth(), "Content-Type": "application/x-raw"})
+    body = await resp.json()
+    assert resp.status == 201 and body["file_id"] == fid and body["checksum"] == sha256(data)
+    meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
+    assert meta["original_filename"] == "raw name.bin"
+    assert meta["content_type"] == "application/x-raw"
+
+
+async def test_raw_put_filename_from_content_disposition_and_chunked_body(client, auth):
+    fid = str(uuid.uuid4())
+
+    async def gen():
+        for _ in range(5):
+            yield b"z" * 100_000
+
+    resp = await client.put(f"/api/v1/files/{fid}", data=gen(), headers={
+        **auth(), "Content-Disposition": "attachment; filename*=UTF-8''%D0%BE%D1%82%D1%87%D1%91%D1%82.txt"})
+    body = await resp.json()
+    assert resp.status == 201 and body["file_size"] == 500_000
+    assert body["original_filename"] == "отчёт.txt"
+
+
+async def test_client_digest_match_and_mismatch(client, auth, config):
+    data = b"integrity"
+    good = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    fid = str(uuid.uuid4())
+    resp = await client.put(f"/api/v1/files/{fid}", data=data,
+                            headers={**auth(), "Content-Digest": f"sha-256=:{good}:"})
+    assert resp.status == 201
+    bad = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    fid2 = str(uuid.uuid4())
+    resp = await client.put(f"/api/v1/files/{fid2}", data=data,
+                            headers={**auth(), "Repr-Digest": f"sha-256=:{bad}:"})
+    assert resp.status == 400 and "mismatch" in (await resp.json())["detail"]
+    md5 = base64.b64encode(hashlib.md5(b"nope").digest()).decode()
+    resp = await client.post(UPLOAD, data=form(data), headers={**auth(), "Content-MD5": md5})
+    assert resp.status == 400
+    assert (await client.get(f"/api/v1/files/{fid2}", headers=auth())).status == 404
+    assert len(stored_files(config.storage_local_base_path)) == 2  # only the good one + attr
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=data,
+                            headers={**auth(), "Content-Digest": "sha-256=:!!:"})
+    assert resp.status == 400
+
+
+async def test_per_file_cap_413_before_and_while_streaming(app_factory, auth):
+    client = await app_factory(storage_max_file_size=1000)
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=b"x" * 1001, headers=auth())
+    assert resp.status == 413
+
+    async def gen():
+        for _ in range(20):
+            yield b"y" * 100
+
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=gen(), headers=auth())
+    assert resp.status == 413
+    resp = await client.post(UPLOAD, data=form(b"z" * 5000), headers=auth())
+    assert resp.status == 413
+
+
+async def test_capacity_full_is_507_and_nothing_is_stored(app_factory, auth, make_config):
+    client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
+    await upload(client, auth(), b"a" * 6000)
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=b"b" * 6000, headers=auth())
+    body = await resp.json()
+    assert resp.status == 507 and "capacity" in body["detail"].lower()
+    resp = await client.post(UPLOAD, data=form(b"c" * 6000), headers=auth())
+    assert resp.status == 507
+    listing = await (await client.get("/api/v1/files", headers=auth())).json()
+    assert listing["total"] == 1
+
+
+async def test_concurrent_uploads_cannot_overshoot_capacity(app_factory, auth):
+    client = await app_factory(storage_max_size=50_000, storage_max_file_size=1_000_000)
+
+    async def one(i):
+        resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=bytes([i]) * 10_000,
+                                headers=auth())
+        return resp.status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(12)))
+    assert statuses.count(201) == 5 and statuses.count(507) == 7
+
+
+async def test_expect_100_continue_refused_without_reading_the_body(client, auth):
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    token = auth()["Authorization"]
+    writer.write((f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {token}\r\nContent-Length: {2**40}\r\n"
+                  "Expect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    assert b" 507 " in status or b" 413 " in status
+    writer.close()
+
+
+async def test_expect_100_continue_accepted_then_stored(client, auth):
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    token = auth()["Authorization"]
+    fid = uuid.uuid4()
+    writer.write((f"PUT /api/v1/files/{fid} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
+                  "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    assert b"100 Continue" in await asyncio.wait_for(reader.readline(), 5)
+    await reader.readline()
+    writer.write(b"hello")
+    await writer.drain()
+    assert b" 201 " in await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+
+
+async def test_client_disconnect_mid_upload_leaves_nothing(client, auth, config, pg_dsn):
+    host, port = client.server.host, client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    token = auth()["Authorization"]
+    fid = uuid.uuid4()
+    writer.write((f"PUT /api/v1/files/{fid} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
+                  "Content-Length: 10000000\r\n\r\n").encode() + b"x" * 3_000_000)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()
+    for _ in range(50):  # the server notices and cleans up
+        await asyncio.sleep(0.1)
+        if not stored_files(config.storage_local_base_path):
+            break
+    assert not stored_files(config.storage_local_base_path)
+    assert (await client.get(f"/api/v1/files/{fid}", headers=auth())).status == 404
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch(f"SELECT status, reserved_bytes FROM {config.table_prefix}_wal")
+    finally:
+        await conn.close()
+    assert [(r["status"], r["reserved_bytes"]) for r in rows] == [("rolled_back", 0)]
+
+
+async def test_fifty_concurrent_uploads_all_verify(client, auth):
+    blobs = [random_bytes(20_000 + i) for i in range(50)]
+
+    async def one(data):
+        resp = await client.post(UPLOAD, data=form(data, "c.bin"), headers=auth())
+        return (await resp.json())["file_id"], data
+
+    results = await asyncio.gather(*(one(b) for b in blobs))
+    for fid, data in results:
+        got = await (await client.get(f"/api/v1/files/{fid}/download", headers=auth())).read()
+        assert got == data
+    listing = await (await client.get("/api/v1/files?limit=100", headers=auth())).json()
+    assert listing["total"] == 50
+
+
+@pytest.mark.parametrize("mode,status", [("edit", 201), ("rw", 201), ("ro", 400), ("ar", 400)])
+async def test_upload_mode_matrix(app_factory, auth, mode, status):
+    client = await app_factory(app_mode=mode)
+    body = await upload(client, auth(), b"m", status=status)
+    if status == 400:
+        assert body["detail"] == f"File upload not allowed in {mode} mode"
+
+
+async def test_description_too_long_for_attr_is_400_up_front(client, auth, config):
+    resp = await client.post(UPLOAD, data=form(b"x", description="d" * 4000), headers=auth())
+    body = await resp.json()
+    assert resp.status == 400 and "description" in body["detail"]
+    assert not stored_files(config.storage_local_base_path)
+
+
+@pytest.mark.parametrize("metadata", ['[1,2]', '{"a": NaN}', '{"a": 1, "a": 2}',
+                                      '{"a": "\\u0000"}', '{"a": "\\ud800"}', '{"a": 1e999}',
+                                      "[" * 50 + "]" * 50, "{nope"])
+async def test_hostile_metadata_is_400(client, auth, config, metadata):
+    resp = await client.post(UPLOAD, data=form(b"x", metadata=metadata), headers=auth())
+    assert resp.status == 400, await resp.text()
+    assert not stored_files(config.storage_local_base_path)
