@@ -348,6 +348,13 @@ async def amain(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    for c in cells:
+        missing = sum(int(r.get("checksums_missing", 0)) for r in c.runs)
+        if missing:
+            h.notes.append(
+                f"{c.target} / {c.scenario.name}: {missing} upload answers had no "
+                "`checksum` field, so they were not verified"
+            )
     cell_map = {(c.scenario.name, c.target): c for c in cells}
     ran = [sc for sc in plan if any(k[0] == sc.name for k in cell_map)]
     h.notes += [
