@@ -82,12 +82,12 @@ def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetim
 
 def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
     """The attr.json bytes for ``meta``; :raises BadRequest: when over 4096 bytes."""
-    doc = attrmeta.to_doc(meta, extra)
     try:
+        doc = attrmeta.to_doc(meta, extra)
         attrs.check_size(doc)
-    except attrs.AttrTooLarge as exc:
-        raise BadRequest(str(exc)) from None
-    return attrs.dumps(doc)
+        return attrs.dumps(doc)
+    except attrs.AttrError as exc:
+        raise BadRequest(exc.reason) from None
 
 
 async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None) -> None:

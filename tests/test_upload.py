@@ -181,7 +181,9 @@ async def test_raw_put_filename_from_content_disposition_and_chunked_body(client
             yield b"z" * 100_000
 
     resp = await client.put(f"/api/v1/files/{fid}", data=gen(), headers={
-        **auth(), "Content-Disposition": "attachment; filename*=UTF-8''%D0%BE%D1%82%D1%87%D1%91%D1%82.txt"})
+        **auth(),
+        "Content-Disposition": "attachment; filename*=UTF-8''%D0%BE%D1%82%D1%87%D1%91%D1%82.txt",
+    })
     body = await resp.json()
     assert resp.status == 201 and body["file_size"] == 500_000
     assert body["original_filename"] == "отчёт.txt"

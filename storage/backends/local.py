@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from .. import attrs
 from ..config import Config
 from .base import (
     ATTR_SUFFIX,
@@ -62,23 +63,9 @@ def makedirs_durable(path: Path, root: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory (sync)."""
+    """Create missing directories durably, then replace ``path`` atomically (sync)."""
     makedirs_durable(path.parent, root)
-    tmp = path.parent / f"{TEMP_PREFIX}_attr_{secrets.token_hex(8)}.json"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    attrs.write_atomic(path, data)
 
 
 class LocalWriter(Writer):
