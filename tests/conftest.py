@@ -116,3 +116,31 @@ def app_factory(aiohttp_client, make_config):
         return await aiohttp_client(make_app(make_config(**overrides)))
 
     return start
+
+
+@pytest.fixture
+def server_env(pg_dsn, keypair, tmp_path, prefix) -> dict[str, str]:
+    """Environment for a ``python run.py`` subprocess on the test database."""
+    return {
+        "DATABASE_URL": pg_dsn, "DB_TABLE_PREFIX": prefix, "APP_MODE": "edit",
+        "STORAGE_LOCAL_BASE_PATH": str(tmp_path / "proc-store"),
+        "DATA_DIR": str(tmp_path / "proc-data"), "JWT_PUBLIC_KEY_PATH": str(keypair[1]),
+        "STORAGE_DISK_RESERVE": "0", "STORAGE_MAX_SIZE": str(64 * 2**30),
+    }
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """``server_factory(env)`` → a started ServerProcess; all are stopped at teardown."""
+    from server_proc import ServerProcess
+
+    started = []
+
+    def start(env: dict[str, str], **kwargs):
+        server = ServerProcess(env, tmp_path / f"server-{len(started)}.log")
+        started.append(server)
+        return server.start(**kwargs)
+
+    yield start
+    for server in started:
+        server.kill()
