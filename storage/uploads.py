@@ -178,6 +178,8 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     visible = False
     try:
         async with el.backend.create(meta.relative_path, spec.declared_size) as writer:
+            if "md5" in spec.digests:
+                writer.hasher.enable_md5()
             await _stream(el, spec, txid, writer, chunks, need)
             _verify_digests(spec, writer)
             meta.file_size, meta.checksum = writer.size, writer.sha256

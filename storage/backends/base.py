@@ -33,18 +33,28 @@ class StoreUnavailable(Unavailable):
 
 
 class Hasher:
-    """Running sha256 + md5 and byte count of what was written."""
+    """Running sha256 (and md5 once enabled) and byte count of what was written.
+
+    md5 costs as much as sha256, so it runs only for clients that send
+    ``Content-MD5``: call :meth:`enable_md5` before the first write.
+    """
 
     __slots__ = ("sha256", "md5", "size")
 
     def __init__(self) -> None:
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = None
         self.size = 0
+
+    def enable_md5(self) -> None:
+        if self.size:
+            raise RuntimeError("md5 must be enabled before the first write")
+        self.md5 = hashlib.md5(usedforsecurity=False)
 
     def update(self, chunk: bytes | memoryview) -> None:
         self.sha256.update(chunk)
-        self.md5.update(chunk)
+        if self.md5 is not None:
+            self.md5.update(chunk)
         self.size += len(chunk)
 
 
@@ -67,8 +77,8 @@ class Writer(abc.ABC):
         return self.hasher.sha256.hexdigest()
 
     @property
-    def md5(self) -> bytes:
-        return self.hasher.md5.digest()
+    def md5(self) -> bytes | None:
+        return self.hasher.md5.digest() if self.hasher.md5 is not None else None
 
     @abc.abstractmethod
     async def write(self, chunk: bytes) -> None:
