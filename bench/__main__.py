@@ -367,10 +367,19 @@ async def amain(args: argparse.Namespace) -> int:
         "upload checksums are verified against the server's answer",
         "RSS/CPU: the server process only (an embedded PostgreSQL is a separate process and "
         "not counted); RSS growth = peak during the run minus RSS at its start",
-        f"client CPU = the load generator's CPU use per wall second; near 100% means the "
-        f"client, not the server, was the bottleneck; run took "
-        f"{(datetime.now(UTC) - started).total_seconds():.0f} s",
+        "server CPU / client CPU = CPU seconds per wall second of the run (100% = one core "
+        "busy); a client near 100% means the client, not the server, was the bottleneck",
+        f"the run took {(datetime.now(UTC) - started).total_seconds():.0f} s",
     ]
+    if (
+        pin
+        and any(t.name == "ours" for t, srv in h.targets if srv is not None)
+        and not (os.environ.get("DATABASE_URL") or os.environ.get("DB_HOST"))
+    ):
+        h.notes.append(
+            "ours ran with its embedded PostgreSQL, which inherits the CPU 0 pinning: "
+            "its DB work shares the one server core with its HTTP work"
+        )
     if args.s3:
         h.notes.append(
             "--s3: ours stored to S3 (STORAGE_TYPE=s3, STORAGE_S3_* from the "

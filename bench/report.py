@@ -114,6 +114,11 @@ class Cell:
         return statistics.median(v) if v else None
 
     @property
+    def server_cpu_util(self) -> float | None:
+        v = self._proc("cpu_util")
+        return statistics.median(v) if v else None
+
+    @property
     def client_cpu_util(self) -> float | None:
         v = self._proc("cpu_util", "client")
         return statistics.median(v) if v else None
@@ -154,6 +159,7 @@ class Cell:
             "peak_rss_mib": self.peak_rss_mib,
             "rss_growth_mib": self.rss_growth_mib,
             "server_cpu_s": self.server_cpu_s,
+            "server_cpu_util": self.server_cpu_util,
             "client_cpu_util": self.client_cpu_util,
             "note": self.note,
             "runs": self.runs,
@@ -166,6 +172,10 @@ def fmt(v: float | None, digits: int | None = None) -> str:
     if digits is None:
         digits = 0 if abs(v) >= 100 else 1 if abs(v) >= 10 else 2
     return f"{v:,.{digits}f}"
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def fmt_cell(cell: Cell | None) -> str:
@@ -280,7 +290,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Details (median run of each cell)",
         "",
         "| scenario | server | size | c | requests | median | p50 ms | p90 ms | p99 ms | "
-        "errors | server peak RSS MiB | RSS growth MiB | server CPU s | client CPU |",
+        "errors | server peak RSS MiB | RSS growth MiB | server CPU | client CPU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in report["cells"]:
@@ -291,7 +301,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{c['requests']} | {fmt(c['median'])} {c['metric']} | {fmt(c['p50_ms'])} | "
             f"{fmt(c['p90_ms'])} | {fmt(c['p99_ms'])} | {c['errors']} | "
             f"{fmt(c['peak_rss_mib'], 1)} | {fmt(c['rss_growth_mib'], 1)} | "
-            f"{fmt(c['server_cpu_s'])} | {'-' if util is None else f'{util:.0%}'} |"
+            f"{pct(c['server_cpu_util'])} | {pct(util)} |"
         )
     errs = [
         (c["scenario"], c["target"], c["error_kinds"]) for c in report["cells"] if c["error_kinds"]

@@ -121,8 +121,7 @@ async def test_ours_adapter_paths_and_token(aiohttp_server, tmp_path):
     ours = L.Target("ours", str(server.make_url("/")), kind="ours", token="T0K")
     ids = await L.prepare_files(ours, 5000, 2)
     for sc in ("post-5000", "get-5000", "meta", "list"):
-        res = await L.run_load(ours, L.Scenario.parse(sc, concurrency=2, requests=4),
-                               file_ids=ids)
+        res = await L.run_load(ours, L.Scenario.parse(sc, concurrency=2, requests=4), file_ids=ids)
         assert res.errors == 0 and res.requests_ok == 4, (sc, res.error_kinds)
     assert any(s.startswith("PUT /api/v1/files/") for s in seen)
     assert f"GET /api/v1/files/{ids[0]}/download" in seen
@@ -144,7 +143,12 @@ async def test_body_source_streams_slices_of_one_buffer():
 
 def test_helpers():
     assert [L.parse_size(s) for s in ("4k", "1m", "1MiB", "2g", "512")] == [
-        4096, 1 << 20, 1 << 20, 2 << 30, 512]
+        4096,
+        1 << 20,
+        1 << 20,
+        2 << 30,
+        512,
+    ]
     assert L.size_label(64 << 20) == "64m" and L.size_label(1000) == "1000"
     assert L.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert L.percentile([5.0], 99) == 5.0
@@ -153,7 +157,8 @@ def test_helpers():
     assert [s.name for s in select(plan, "put-1m,big")] == ["put-1m", "put-8m", "get-8m"]
     assert rule_of(select(plan, "put-4k")[0]).threshold == 0.70
     assert L.Target("o", "http://h/", kind="ours").download_url("f") == (
-        "http://h/api/v1/files/f/download")
+        "http://h/api/v1/files/f/download"
+    )
 
 
 async def test_procstat_samples_this_process():
@@ -170,10 +175,27 @@ async def test_procstat_samples_this_process():
 def test_quick_ceiling_only_end_to_end(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(  # noqa: S603 - fixed argv
-        [sys.executable, "-m", "bench", "--quick", "--ceiling-only", "--json", "--no-chart",
-         "--quiet", "--out", str(out), "--workdir", str(tmp_path / "work"),
-         "--scenarios", "small,medium,big"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--ceiling-only",
+            "--json",
+            "--no-chart",
+            "--quiet",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--scenarios",
+            "small,medium,big",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (md,) = out.glob("*-quick-ceiling-only.md")
@@ -181,8 +203,16 @@ def test_quick_ceiling_only_end_to_end(tmp_path):
     report = json.loads(next(out.glob("*.json")).read_text())
     assert report["machine"]["cores"] >= 1
     cells = {c["scenario"]: c for c in report["cells"]}
-    assert set(cells) == {"put-4k", "get-4k", "post-4k", "put-64k", "get-64k", "post-64k",
-                          "put-8m", "get-8m"}
+    assert set(cells) == {
+        "put-4k",
+        "get-4k",
+        "post-4k",
+        "put-64k",
+        "get-64k",
+        "post-64k",
+        "put-8m",
+        "get-8m",
+    }
     for c in cells.values():
         assert c["target"] == "ceiling" and c["errors"] == 0
         assert c["min"] <= c["median"] <= c["max"]
