@@ -101,6 +101,12 @@ async def set_reservation(conn: Conn, q: Queries, txid: uuid.UUID, reserved: int
     return await conn.fetchval(q.set_reservation, txid, reserved) is not None
 
 
+async def wal_reservation(conn: Conn, q: Queries, txid: uuid.UUID) -> int:
+    """Bytes currently reserved by the pending WAL row ``txid`` (0 when none)."""
+    rec = await conn.fetchrow(q.get_wal, txid)
+    return rec["reserved_bytes"] if rec else 0
+
+
 async def get_wal(db: Db, txid: uuid.UUID) -> WalEntry | None:
     rec = await db.pool.fetchrow(db.q.get_wal, txid)
     return WalEntry.from_record(rec) if rec else None

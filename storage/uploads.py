@@ -90,29 +90,36 @@ def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
         raise BadRequest(exc.reason) from None
 
 
+def _check_capacity(el: Element, used: int, reserved: int, free: int | None,
+                    extra: int, need: int) -> None:
+    """:raises InsufficientStorage: when ``extra`` more bytes do not fit."""
+    limit = el.config.storage_max_size
+    if used + reserved + extra > limit:
+        raise InsufficientStorage(
+            f"Not enough capacity: {need} bytes requested, "
+            f"{max(limit - used - reserved, 0)} of {limit} bytes available",
+            headers={"Connection": "close"},
+        )
+    if free is not None and free - el.config.storage_disk_reserve - reserved < extra:
+        raise InsufficientStorage(f"Not enough free disk space for {need} bytes",
+                                  headers={"Connection": "close"})
+
+
+async def precheck_capacity(el: Element, need: int | None) -> None:
+    """An early, non-reserving 507 (e.g. before answering ``100 Continue``)."""
+    if need:
+        used, _files, reserved = await repo.capacity_usage(el.db.pool, el.db.q)
+        _check_capacity(el, used, reserved, await el.backend.free_bytes(), need, need)
+
+
 async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None) -> None:
     """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
     free = await el.backend.free_bytes()
     async with el.db.pool.acquire() as conn, conn.transaction():
         await repo.capacity_lock(conn, el.db.q)
         used, _files, reserved = await repo.capacity_usage(conn, el.db.q)
-        current = 0
-        if insert is None:
-            wal = await conn.fetchrow(el.db.q.get_wal, txid)
-            current = wal["reserved_bytes"] if wal else 0
-        extra = need - current
-        limit = el.config.storage_max_size
-        if used + reserved + extra > limit:
-            raise InsufficientStorage(
-                f"Not enough capacity: {need} bytes requested, "
-                f"{max(limit - used - reserved, 0)} of {limit} bytes available",
-                headers={"Connection": "close"},
-            )
-        if free is not None and free - el.config.storage_disk_reserve - reserved < extra:
-            raise InsufficientStorage(
-                f"Not enough free disk space for {need} bytes",
-                headers={"Connection": "close"},
-            )
+        current = 0 if insert is not None else await repo.wal_reservation(conn, el.db.q, txid)
+        _check_capacity(el, used, reserved, free, need - current, need)
         if insert is not None:
             await repo.insert_wal(conn, el.db.q, txid=txid, reserved=need, **insert)
         else:

@@ -340,3 +340,15 @@ async def test_hostile_metadata_is_400(client, auth, config, metadata):
     resp = await client.post(UPLOAD, data=form(b"x", metadata=metadata), headers=auth())
     assert resp.status == 400, await resp.text()
     assert not stored_files(config.storage_local_base_path)
+
+
+async def test_expect_100_continue_gets_507_when_it_would_not_fit(app_factory, auth):
+    client = await app_factory(storage_max_size=10_000, storage_max_file_size=10_000)
+    await upload(client, auth(), b"a" * 6000)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write((f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {auth()['Authorization']}\r\nContent-Length: 6000\r\n"
+                  "Expect: 100-continue\r\n\r\n").encode())
+    await writer.drain()
+    assert b" 507 " in await asyncio.wait_for(reader.readline(), 5)
+    writer.close()

@@ -16,7 +16,9 @@ from ..access import Access, gate, identity
 from ..auth import check_request_auth
 from ..element import Element, element
 from ..errors import BadRequest, StorageError, render
+from ..search import is_search
 from ..uploads import UploadSpec
+from .search import search_files
 
 MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
@@ -61,6 +63,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
         return refused
     try:
         _precheck_upload(request)
+        await uploads.precheck_capacity(element(request), request.content_length)
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)
@@ -289,6 +292,8 @@ async def delete(request: web.Request) -> web.Response:
 
 @gate(Access.READ)
 async def list_files(request: web.Request) -> web.Response:
+    if is_search(request.query):  # the same parameters as /api/v1/files/search
+        return await search_files(request)
     el = element(request)
     skip = validate.int_param(request.query.get("skip"), "skip", 0)
     limit = validate.int_param(request.query.get("limit"), "limit", MAX_LIST, lo=0,
