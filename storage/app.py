@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import migrate
+from . import metrics, middleware, migrate
 from .appkeys import backend_key, config_key, db_key, dsn_key, runtime_key
 from .auth import auth_ctx, auth_middleware
 from .backends import make_backend
@@ -17,8 +17,11 @@ from .db import close_db, open_db
 from .element import Element, element_key
 from .embedded import EmbeddedPostgres
 from .errors import error_middleware
+from .middleware import cors_middleware, request_middleware
+from .modes import load_persisted_mode, mode_ctx
 from .routes import setup_routes
 from .runtime import Runtime
+from .tracing import tracing_ctx
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +101,15 @@ startup_hooks_key = web.AppKey("startup_hooks", list)
 def make_app(config: Config) -> web.Application:
     """Build the application for one element; nothing global is touched."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, request_middleware, cors_middleware, auth_middleware],
         client_max_size=1024 * 1024,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[config_key] = config
-    app[startup_hooks_key] = []
-    app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, element_ctx])
+    app[startup_hooks_key] = [load_persisted_mode]  # the persisted mode first: hooks see it
+    metrics.install(app)
+    middleware.install(app)
+    app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, tracing_ctx, element_ctx,
+                            mode_ctx])
     setup_routes(app)
     return app

@@ -200,6 +200,17 @@ class Config:
     )
     cors_allow_credentials: bool = env("CORS_ALLOW_CREDENTIALS", _bool, True)
     cors_max_age: int = env("CORS_MAX_AGE", _int(0), 600)
+    cors_allow_methods: tuple[str, ...] = env(
+        "CORS_ALLOW_METHODS", _origins, ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+    )
+    cors_allow_headers: tuple[str, ...] = env(
+        "CORS_ALLOW_HEADERS", _origins,
+        ("Content-Type", "Authorization", "X-Request-ID", "X-Trace-ID"),
+    )
+    cors_expose_headers: tuple[str, ...] = env("CORS_EXPOSE_HEADERS", _origins, ())
+    otel_exporter_otlp_endpoint: str | None = env("OTEL_EXPORTER_OTLP_ENDPOINT", _opt_str, None)
+    otel_service_name: str | None = env("OTEL_SERVICE_NAME", _opt_str, None)
+    mode_refresh_interval: float = env("MODE_REFRESH_INTERVAL", _float(0.05, 60), 0.5)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Config:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from . import metrics, openapi
 from .appkeys import config_key
-from .views import download, files, health
+from .views import download, files, health, ops
 
 
 def setup_routes(app: web.Application) -> None:
@@ -26,3 +27,16 @@ def setup_routes(app: web.Application) -> None:
         web.delete("/api/v1/files/{file_id}", files.delete, name="delete"),
         web.get("/api/v1/files/{file_id}/download", download.download, name="download"),
     ])
+    app.add_routes([
+        web.get("/api/v1/info", ops.info, name="info"),
+        web.get("/api/v1/capacity", ops.capacity_view, name="capacity"),
+        web.get("/api/v1/mode", ops.get_mode, name="mode"),
+        web.post("/api/v1/mode", ops.set_mode, name="set_mode"),
+        web.post("/api/v1/mode/transition", ops.set_mode, name="mode_transition"),
+        web.get("/api/v1/mode/history", ops.mode_history, name="mode_history"),
+        web.get("/api/v1/openapi.json", openapi.serve, name="openapi"),
+    ])
+    if config.metrics_enabled:  # both forms: upstream scrapers use /metrics/
+        path = config.metrics_path.rstrip("/") or "/metrics"
+        app.add_routes([web.get(path, metrics.metrics_view, name="metrics"),
+                        web.get(path + "/", metrics.metrics_view, name="metrics_slash")])

@@ -9,6 +9,7 @@ from ..access import Access, gate
 from ..appkeys import config_key, runtime_key
 from ..element import element
 from ..models import utcnow
+from . import ops
 
 
 def _now() -> str:
@@ -62,10 +63,16 @@ async def ready(request: web.Request) -> web.Response:
     try:
         await repo.ping(el.db)
         checks["database"] = "connected"
+        if pending := await ops.pending_migrations(el):
+            ok = False
+            checks["migrations"] = "pending: " + ", ".join(pending)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         ok = False
         checks["database"] = "unavailable"
         checks["database_error"] = type(exc).__name__
+    if el.runtime.stopping:
+        ok = False
+        checks["lifecycle"] = "stopping"
     if el.runtime.recovering:
         ok = False
         checks["recovery"] = "running"

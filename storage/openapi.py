@@ -1,0 +1,471 @@
+"""The OpenAPI 3.1 description of every endpoint, served at ``/api/v1/openapi.json``.
+
+:func:`build` is the source; ``storage/openapi.json`` is its committed output for
+readers and tools (``python -m storage.openapi`` rewrites it; a test keeps the two
+equal).  Tests validate real responses against it and fuzz the live app with
+schemathesis.  Errors everywhere are ``application/problem+json`` (RFC 9457) with
+a string ``detail`` (artStore clients read ``detail``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .access import Access, gate
+from .appkeys import config_key
+
+JSON_PATH = Path(__file__).with_name("openapi.json")
+PROBLEM = "application/problem+json"
+MODES = ["edit", "rw", "ro", "ar"]
+SORTS = ["-created_at", "created_at", "-file_size", "file_size", "-original_filename",
+         "original_filename", "rank"]
+
+STATUS_TEXT = {
+    400: "Bad request: invalid parameter, body, or an operation the current mode refuses",
+    401: "Missing, malformed, invalid or expired bearer token",
+    403: "The token's role or type does not allow this operation",
+    404: "No such file",
+    408: "The client stopped sending the body",
+    409: "Conflict: duplicate file id, or a mode transition that is not allowed",
+    412: "A precondition (If-Match) failed",
+    413: "Body or file larger than allowed",
+    416: "Range not satisfiable",
+    422: "Validation error: a parameter has the wrong format (see errors)",
+    500: "Internal error (never with a traceback)",
+    503: "The database or the storage is unavailable, or a maintenance lock is busy",
+    507: "Not enough capacity or disk space for the file",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None,
+         additional: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props,
+                              "required": list(props) if required is None else required}
+    if not additional:
+        schema["additionalProperties"] = False
+    return schema
+
+
+STR = {"type": "string"}
+INT = {"type": "integer"}
+BOOL = {"type": "boolean"}
+UUID = {"type": "string", "format": "uuid"}
+TIME = {"type": "string", "format": "date-time"}
+NON_NEG = {"type": "integer", "minimum": 0}
+# Text the service stores: PostgreSQL text refuses NUL, so it is no valid input.
+TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": _obj({
+        "type": STR, "title": STR, "status": {"type": "integer", "minimum": 400,
+                                                "maximum": 599},
+        "detail": STR,
+        "errors": {"type": "array", "items": _ref("ValidationIssue")},
+    }, required=["type", "title", "status", "detail"]),
+    "ValidationIssue": _obj({
+        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "msg": STR, "type": STR, "input": {},
+    }, required=["loc", "msg", "type"]),
+    "FileMetadata": _obj({
+        "file_id": UUID, "original_filename": STR, "storage_filename": STR,
+        "file_size": NON_NEG, "content_type": STR, "created_at": TIME,
+        "created_by_username": STR, "created_by_fullname": _nullable(STR),
+        "description": _nullable(STR), "version": _nullable(STR), "storage_path": STR,
+        "checksum": {"type": "string", "pattern": "^([0-9a-f]{64})?$"},
+        "cache_updated_at": TIME, "cache_ttl_hours": INT, "cache_expired": BOOL,
+    }),
+    "SearchHit": {"allOf": [_ref("FileMetadata"), {
+        "type": "object", "properties": {"search_rank": {"type": "number"}}}]},
+    "FileList": _obj({"total": NON_NEG,
+                      "files": {"type": "array", "items": _ref("FileMetadata")}}),
+    "SearchResult": _obj({
+        "files": {"type": "array", "items": _ref("SearchHit")},
+        "next_cursor": _nullable(STR), "total": NON_NEG, "total_is_estimate": BOOL,
+    }),
+    "UploadResult": _obj({
+        "file_id": UUID, "original_filename": STR, "storage_filename": STR,
+        "file_size": NON_NEG, "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "message": STR,
+    }),
+    "MetadataUpdate": _obj({
+        "description": _nullable({**TEXT, "maxLength": 4096}),
+        "version": _nullable({**TEXT, "maxLength": 50}),
+        "metadata": _nullable({"type": "object", "description":
+                               "Replaces the whole custom metadata object"}),
+    }, required=[]),
+    "Root": _obj({"service": STR, "version": STR, "mode": {"enum": MODES},
+                  "storage_type": {"enum": ["local", "s3"]}, "status": STR}),
+    "Live": _obj({"status": {"const": "ok"}, "timestamp": TIME,
+                  "checks": _obj({"process": {"const": "running"}})}),
+    "Ready": _obj({"status": {"enum": ["ready", "not_ready"]}, "timestamp": TIME,
+                   "checks": {"type": "object", "description":
+                              "storage_type, storage_mode, storage and database checks; "
+                              "*_error and recovery/lifecycle/migrations on failure"}}),
+    "Startup": _obj({"status": {"enum": ["started", "starting"]}, "timestamp": TIME}),
+    "Info": _obj({
+        "name": STR, "display_name": STR, "version": STR, "mode": {"enum": MODES},
+        "storage_type": {"enum": ["local", "s3"]}, "base_path": STR,
+        "capacity_bytes": NON_NEG, "used_bytes": NON_NEG, "file_count": NON_NEG,
+        "status": {"enum": ["operational", "degraded", "maintenance", "offline"]},
+        "priority": INT, "element_id": STR, "timestamp": TIME,
+    }, additional=False),
+    "Capacity": _obj({
+        "storage_id": STR, "mode": {"enum": MODES},
+        "capacity": _obj({"total": NON_NEG, "used": NON_NEG, "available": NON_NEG,
+                          "percent_used": {"type": "number", "minimum": 0, "maximum": 100}},
+                         additional=False),
+        "health": {"enum": ["healthy", "degraded", "unhealthy"]},
+        "backend": {"enum": ["local", "s3"]}, "location": STR,
+        "last_update": {"type": "string", "format": "date-time"},
+    }, additional=False),
+    "ModeInfo": _obj({
+        "mode": {"enum": MODES}, "persisted": BOOL, "changed_at": _nullable(TIME),
+        "changed_by": _nullable(STR),
+        "allowed_operations": {"type": "array", "items": {
+            "enum": ["upload", "download", "update", "delete", "list"]}},
+        "allowed_transitions": {"type": "array", "items": {"enum": MODES}},
+    }, additional=False),
+    "ModeTransitionRequest": _obj({
+        "target_mode": {"type": "string", "enum": MODES},
+        "confirm": {"type": "boolean", "default": False,
+                    "description": "Required (true) for the one backward step ro -> rw"},
+    }, required=["target_mode"]),
+    "ModeTransition": _obj({"previous_mode": {"enum": MODES}, "current_mode": {"enum": MODES},
+                            "transitioned_at": TIME, "changed_by": STR}, additional=False),
+    "ModeHistory": _obj({"history": {"type": "array", "items": _obj({
+        "from_mode": {"enum": MODES}, "to_mode": {"enum": MODES}, "changed_by": STR,
+        "changed_at": TIME}, additional=False)}}, additional=False),
+    "GcDeleteRequest": _obj({
+        "reason": {**TEXT, "default": "gc_cleanup"},
+        "cleanup_type": _nullable({**TEXT, "description":
+                                   "ttl_expired, finalized or orphaned (free text, logged)"}),
+    }, required=[]),
+    "GcDeleteResult": _obj({"status": {"enum": ["deleted", "already_deleted"]},
+                            "file_id": UUID, "deleted_at": TIME, "deleted_by": STR,
+                            "reason": STR}),
+    "GcExists": _obj({"exists": BOOL, "file_id": UUID}),
+    "CacheStatistics": _obj({name: NON_NEG for name in (
+        "attr_files_scanned", "cache_entries_before", "cache_entries_after",
+        "entries_created", "entries_updated", "entries_deleted")}),
+    "CacheResult": _obj({
+        "status": {"const": "success"}, "message": STR,
+        "result": _obj({
+            "operation_type": {"enum": ["full", "incremental", "cleanup_expired"]},
+            "started_at": TIME, "completed_at": TIME,
+            "duration_seconds": {"type": "number", "minimum": 0},
+            "statistics": _ref("CacheStatistics"),
+            "errors": {"type": "array", "items": STR, "maxItems": 10},
+        }),
+    }),
+    "CacheConsistency": _obj({
+        "status": {"const": "success"}, "message": STR,
+        "report": _obj({
+            "total_attr_files": NON_NEG, "total_cache_entries": NON_NEG,
+            "orphan_cache_count": NON_NEG, "orphan_attr_count": NON_NEG,
+            "expired_cache_count": NON_NEG, "is_consistent": BOOL,
+            "inconsistency_percentage": {"type": "number", "minimum": 0},
+            "details": _obj({name: {"type": "array", "items": STR, "maxItems": 10} for name in (
+                "orphan_cache_entries", "orphan_attr_files", "expired_cache_entries")}),
+        }),
+    }),
+}
+
+RID_HEADER = {"description": "The request id: the client's X-Request-ID when printable and "
+              "at most 128 characters, else a generated one",
+              "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 128}}
+
+
+def _headers(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}, **(extra or {})}
+
+
+def ok(schema: str | dict[str, Any] | None, description: str = "OK",
+       media: str = "application/json", headers: dict[str, Any] | None = None) -> dict:
+    resp: dict[str, Any] = {"description": description, "headers": _headers(headers)}
+    if schema is not None:
+        resp["content"] = {media: {"schema": _ref(schema) if isinstance(schema, str)
+                                   else schema}}
+    return resp
+
+
+def errors(*codes: int) -> dict[str, Any]:
+    return {str(code): {"$ref": f"#/components/responses/E{code}"} for code in codes}
+
+
+def _error_component(code: int) -> dict[str, Any]:
+    headers = _headers({"WWW-Authenticate": {"schema": STR}} if code == 401 else None)
+    if code == 503:
+        headers["Retry-After"] = {"schema": STR}
+    return {"description": STATUS_TEXT[code], "headers": headers,
+            "content": {PROBLEM: {"schema": _ref("Problem")}}}
+
+
+def _param(name: str, where: str, schema: dict[str, Any], description: str = "",
+           required: bool = False) -> dict[str, Any]:
+    p = {"name": name, "in": where, "schema": schema, "required": required or where == "path"}
+    if description:
+        p["description"] = description
+    return p
+
+
+FILE_ID = _param("file_id", "path", UUID, "The file's UUID")
+AUTH = [{"bearerAuth": []}]
+PUBLIC: list[Any] = []
+
+
+def op(summary: str, responses: dict[str, Any], *, tags: list[str], security=AUTH,
+       params: list[dict] | None = None, body: dict | None = None, op_id: str,
+       description: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": tags,
+                           "security": security, "responses": responses}
+    if description:
+        out["description"] = description
+    if params:
+        out["parameters"] = params
+    if body:
+        out["requestBody"] = body
+    return out
+
+
+def _json_body(schema: str, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+LIST_PARAMS = [
+    _param("skip", "query", NON_NEG, "Rows to skip (legacy list only; default 0)"),
+    _param("limit", "query", NON_NEG, "Page size; the legacy list clamps it to 100 "
+           "(default 100), a search accepts 1-1000"),
+]
+SEARCH_PARAMS = [
+    _param("q", "query", {**TEXT, "maxLength": 1000},
+           "Full-text query (websearch syntax) over filename, version, description and "
+           "metadata values"),
+    _param("content_type", "query", TEXT, "Exact media type, or a family like image/*"),
+    _param("created_by", "query", {**TEXT, "maxLength": 255}, "Uploader's JWT sub or name"),
+    _param("min_size", "query", NON_NEG, "Smallest file size in bytes (inclusive)"),
+    _param("max_size", "query", NON_NEG, "Largest file size in bytes (inclusive)"),
+    _param("created_after", "query", TIME, "ISO 8601 with a UTC offset"),
+    _param("created_before", "query", TIME, "ISO 8601 with a UTC offset"),
+    _param("sort", "query", {"enum": SORTS}, "rank needs q; default rank with q, else "
+           "-created_at"),
+    _param("cursor", "query", {**TEXT, "maxLength": 1024},
+           "next_cursor of the previous page"),
+]
+SEARCH_NOTE = ("Custom metadata filters are extra query parameters "
+               "`metadata.<key>=<value>` (up to 16, AND-ed).")
+
+
+def _files_paths() -> dict[str, Any]:
+    metadata = op("File metadata", {"200": ok("FileMetadata"), **errors(401, 404, 422, 503)},
+                  tags=["files"], params=[FILE_ID], op_id="get_file_metadata")
+    listing = op("List files, newest first (or search, when a search parameter is given)",
+                 {"200": ok({"anyOf": [_ref("FileList"), _ref("SearchResult")]}),
+                  **errors(400, 401, 503)},
+                 tags=["files"], params=LIST_PARAMS + SEARCH_PARAMS, op_id="list_files",
+                 description="Without search parameters: the artStore list `{total, files}` "
+                 "with skip/limit. With any of them: the search result. " + SEARCH_NOTE)
+    upload_fields = _obj({
+        "file": {"type": "string", "contentMediaType": "application/octet-stream",
+                 "description": "The file; its part filename and Content-Type are stored"},
+        "description": {**TEXT, "maxLength": 4096}, "version": {**TEXT, "maxLength": 50},
+        "file_id": {**UUID, "description": "Keep this id (finalization); 409 if it exists"},
+        "metadata": {"type": "string", "description": "A JSON object, as text"},
+        "finalize_transaction_id": STR, "retention_policy": STR,
+    }, required=["file"])
+    upload_errors = errors(400, 401, 403, 408, 409, 413, 422, 503, 507)
+    return {
+        "/api/v1/files/upload": {"post": op(
+            "Upload a file (multipart, streamed)", {"201": ok("UploadResult", "Stored"),
+                                                    **upload_errors},
+            tags=["files"], op_id="upload_file",
+            description="Allowed in edit and rw modes. Unknown form fields are ignored. "
+            "Send `Expect: 100-continue` to be refused before sending the body.",
+            body={"required": True, "content": {"multipart/form-data": {
+                "schema": upload_fields}}})},
+        "/api/v1/files": {"get": listing},
+        "/api/v1/files/": {"get": {**listing, "operationId": "list_files_slash"}},
+        "/api/v1/files/search": {"get": op(
+            "Search files", {"200": ok("SearchResult"), **errors(400, 401, 503)},
+            tags=["files"], params=SEARCH_PARAMS + [_param(
+                "limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
+                "Page size (default 100)")],
+            op_id="search_files", description=SEARCH_NOTE)},
+        "/api/v1/files/{file_id}": {
+            "get": metadata,
+            "put": op("Upload a raw body under a chosen id", {
+                "201": ok("UploadResult", "Stored"), **upload_errors},
+                tags=["files"], op_id="put_file", params=[
+                    FILE_ID,
+                    _param("filename", "query", {**TEXT, "maxLength": 1000},
+                           "Original filename (else Content-Disposition, else the id)"),
+                    _param("description", "query", {**TEXT, "maxLength": 4096}),
+                    _param("version", "query", {**TEXT, "maxLength": 50}),
+                    _param("metadata", "query", STR, "A JSON object, as text")],
+                body={"required": True, "content": {"*/*": {"schema": {
+                    "type": "string", "contentMediaType": "application/octet-stream"}}}}),
+            "patch": op("Update description, version or custom metadata", {
+                "200": ok("FileMetadata"), **errors(400, 401, 403, 404, 413, 422, 503)},
+                tags=["files"], params=[FILE_ID], body=_json_body("MetadataUpdate", False),
+                op_id="update_file", description="Allowed in edit and rw modes; null or "
+                "absent fields are kept; metadata replaces the whole object."),
+            "delete": op("Delete a file (edit mode, role admin or operator)", {
+                "204": {"description": "Deleted", "headers": _headers()},
+                **errors(400, 401, 403, 404, 422, 503)},
+                tags=["files"], params=[FILE_ID], op_id="delete_file"),
+        },
+        "/api/v1/files/{file_id}/download": {"get": op(
+            "Download (streamed; Range, conditional requests)", {
+                "200": ok({"type": "string", "contentMediaType": "application/octet-stream"},
+                          media="*/*", headers={"ETag": {"schema": STR},
+                                                "Accept-Ranges": {"schema": STR}}),
+                "206": ok({"type": "string"}, "Partial content", media="*/*",
+                          headers={"Content-Range": {"schema": STR}}),
+                "304": {"description": "Not modified", "headers": _headers()},
+                **errors(401, 404, 412, 416, 422, 500, 503)},
+            tags=["files"], op_id="download_file", params=[
+                FILE_ID,
+                _param("Range", "header", STR, "bytes=start-end[, ...] (RFC 9110 §14)"),
+                _param("If-None-Match", "header", STR),
+                _param("If-Match", "header", STR),
+                _param("If-Range", "header", STR),
+            ])},
+    }
+
+
+def _ops_paths() -> dict[str, Any]:
+    transition = op("Change the runtime mode (role admin)", {
+        "200": ok("ModeTransition"), **errors(400, 401, 403, 409, 413, 422, 503)},
+        tags=["mode"], body=_json_body("ModeTransitionRequest"), op_id="change_mode",
+        description="rw -> ro -> ar; ro -> rw only with confirm: true (409 otherwise); edit "
+        "is isolated (409); an unknown or the current mode is 400. Persisted; every process "
+        "of the element applies it within a second.")
+    return {
+        "/api/v1/info": {"get": op("Element facts for admin-module discovery", {
+            "200": ok("Info")}, tags=["ops"], security=PUBLIC, op_id="get_info")},
+        "/api/v1/capacity": {"get": op("Capacity and health for the ingester", {
+            "200": ok("Capacity")}, tags=["ops"], security=PUBLIC, op_id="get_capacity",
+            description="available = what the next upload can get: min(STORAGE_MAX_SIZE - "
+            "stored - reserved, free disk - STORAGE_DISK_RESERVE - reserved); used = stored "
+            "+ reserved; total = used + available. health: healthy below "
+            "CAPACITY_CRITICAL_THRESHOLD percent used, degraded from there, unhealthy from "
+            "CAPACITY_FULL_THRESHOLD or when the database or storage is unreachable.")},
+        "/api/v1/mode": {
+            "get": op("Current mode", {"200": ok("ModeInfo"), **errors(401, 503)},
+                      tags=["mode"], op_id="get_mode"),
+            "post": transition,
+        },
+        "/api/v1/mode/transition": {"post": {**transition,
+                                             "operationId": "change_mode_transition",
+                                             "summary": "Alias of POST /api/v1/mode "
+                                             "(goartstore path)"}},
+        "/api/v1/mode/history": {"get": op("Mode changes, newest first", {
+            "200": ok("ModeHistory"), **errors(400, 401, 503)}, tags=["mode"],
+            op_id="mode_history", params=[_param(
+                "limit", "query", {"type": "integer", "minimum": 1},
+                "At most this many entries (default 100; clamped to 1000)")])},
+        "/api/v1/gc/{file_id}": {"delete": op("Garbage-collect a file (service accounts)", {
+            "200": ok("GcDeleteResult"), **errors(400, 401, 403, 422, 503)},
+            tags=["gc"], params=[FILE_ID], body=_json_body("GcDeleteRequest", False),
+            op_id="gc_delete", description="Any mode; idempotent: already_deleted when the "
+            "file is gone.")},
+        "/api/v1/gc/{file_id}/exists": {"get": op("Whether a file exists (service accounts)", {
+            "200": ok("GcExists"), **errors(401, 403, 422, 503)},
+            tags=["gc"], params=[FILE_ID], op_id="gc_exists")},
+        "/api/v1/cache/rebuild": {"post": op("Full cache rebuild from attr files", {
+            "200": ok("CacheResult"), **errors(401, 403, 409, 503)}, tags=["cache"],
+            op_id="cache_rebuild")},
+        "/api/v1/cache/rebuild/incremental": {"post": op(
+            "Add cache rows for attr files not in the cache", {
+                "200": ok("CacheResult"), **errors(401, 403, 409, 503)}, tags=["cache"],
+            op_id="cache_rebuild_incremental")},
+        "/api/v1/cache/consistency": {"get": op("Compare the cache with the attr files", {
+            "200": ok("CacheConsistency"), **errors(401, 403, 409, 503)}, tags=["cache"],
+            op_id="cache_consistency")},
+        "/api/v1/cache/cleanup-expired": {"post": op("Drop expired cache rows", {
+            "200": ok("CacheResult"), **errors(401, 403, 409, 503)}, tags=["cache"],
+            op_id="cache_cleanup_expired")},
+    }
+
+
+def _service_paths() -> dict[str, Any]:
+    text = {"type": "string"}
+    metrics = op("Prometheus metrics", {"200": ok(text, media="text/plain")},
+                 tags=["service"], security=PUBLIC, op_id="metrics")
+    return {
+        "/": {"get": op("Service summary", {"200": ok("Root")}, tags=["service"],
+                        security=PUBLIC, op_id="root")},
+        "/health/live": {"get": op("Liveness (the process answers)", {"200": ok("Live")},
+                                   tags=["service"], security=PUBLIC, op_id="health_live")},
+        "/health/ready": {"get": op(
+            "Readiness: database, storage, migrations, recovery, not shutting down", {
+                "200": ok("Ready"), "503": ok("Ready", "Not ready (with reasons)")},
+            tags=["service"], security=PUBLIC, op_id="health_ready")},
+        "/health/startup": {"get": op("Startup finished (recovery done)", {
+            "200": ok("Startup"), "503": ok("Startup", "Still starting")},
+            tags=["service"], security=PUBLIC, op_id="health_startup")},
+        "/metrics": {"get": metrics},
+        "/metrics/": {"get": {**metrics, "operationId": "metrics_slash"}},
+        "/api/v1/openapi.json": {"get": op("This document", {"200": ok({"type": "object"})},
+                                           tags=["service"], security=PUBLIC,
+                                           op_id="openapi")},
+    }
+
+
+def build(version: str = "1.0.0") -> dict[str, Any]:
+    """The whole document for an element reporting ``version``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Storage element",
+            "version": version,
+            "description": "Drop-in replacement for artStore's storage element: files on "
+            "local disk or S3, metadata in PostgreSQL. Every response carries X-Request-ID; "
+            "every error is application/problem+json with a string detail.",
+        },
+        "tags": [{"name": n} for n in ("files", "ops", "mode", "gc", "cache", "service")],
+        "paths": {**_service_paths(), **_ops_paths(), **_files_paths()},
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "responses": {f"E{code}": _error_component(code) for code in STATUS_TEXT},
+            "headers": {"RequestId": RID_HEADER},
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "RS256 JWT issued by artStore's admin module"}},
+        },
+    }
+
+
+@functools.cache
+def _document(version: str) -> bytes:
+    return json.dumps(build(version), ensure_ascii=False).encode("utf-8")
+
+
+@gate(Access.PUBLIC)
+async def serve(request: web.Request) -> web.Response:
+    body = _document(request.app[config_key].app_version)
+    return web.Response(body=body, content_type="application/json")
+
+
+def render_file() -> str:
+    """The committed ``storage/openapi.json`` text (default version)."""
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":  # python -m storage.openapi  (rewrites storage/openapi.json)
+    JSON_PATH.write_text(render_file(), encoding="utf-8")
+    print(f"wrote {JSON_PATH}", file=sys.stderr)
