@@ -328,6 +328,7 @@ async def amain(args: argparse.Namespace) -> int:
         pinning = "none" + (" (--no-pin)" if args.no_pin else " (fewer than 2 CPUs)")
     _disk_check(workdir, plan, args.repeats, h.notes)
     started = datetime.now(UTC).astimezone()
+    load_before = os.getloadavg()[0]
     cells: list[Cell] = []
     try:
         try:
@@ -369,8 +370,15 @@ async def amain(args: argparse.Namespace) -> int:
         "not counted); RSS growth = peak during the run minus RSS at its start",
         "server CPU / client CPU = CPU seconds per wall second of the run (100% = one core "
         "busy); a client near 100% means the client, not the server, was the bottleneck",
-        f"the run took {(datetime.now(UTC) - started).total_seconds():.0f} s",
+        f"the run took {(datetime.now(UTC) - started).total_seconds():.0f} s; 1-min load "
+        f"average {load_before:.2f} before it, {os.getloadavg()[0]:.2f} at its end",
     ]
+    if load_before > 0.5:
+        h.notes.append(
+            f"WARNING: the machine was busy before the run (load average {load_before:.2f} "
+            f"on {os.cpu_count()} CPUs): other processes competed with the servers and the "
+            "client, so the numbers are noisy"
+        )
     if (
         pin
         and any(t.name == "ours" for t, srv in h.targets if srv is not None)
