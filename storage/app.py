@@ -19,6 +19,7 @@ from .embedded import EmbeddedPostgres
 from .errors import error_middleware
 from .middleware import cors_middleware, request_middleware
 from .modes import load_persisted_mode, mode_ctx
+from .recovery import recovery_ctx
 from .routes import setup_routes
 from .runtime import Runtime
 from .tracing import tracing_ctx
@@ -110,6 +111,6 @@ def make_app(config: Config) -> web.Application:
     metrics.install(app)
     middleware.install(app)
     app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, tracing_ctx, element_ctx,
-                            mode_ctx])
+                            recovery_ctx, mode_ctx])
     setup_routes(app)
     return app

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--sub", default=None)
     tok.add_argument("--ttl", default="1h")
     tok.add_argument("--private-key", type=Path, default=None)
+    from .ops import add_subcommands
+
+    add_subcommands(sub)  # rebuild, check, recover, migrate-attrs, scrub
     return parser
 
 
@@ -92,6 +95,15 @@ def cmd_token(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+OPS = ("rebuild", "check", "recover", "migrate-attrs", "scrub")
+
+
+def cmd_ops(config: Config, args: argparse.Namespace) -> int:
+    from . import ops
+
+    return ops.run(config, args)
+
+
 def serve(config: Config, workers: int | None = None) -> int:
     from .server import run
 
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
 
     setup_logging(config)
     command = args.command or "serve"
-    handlers = {"migrate": cmd_migrate, "token": cmd_token}
+    handlers = {"migrate": cmd_migrate, "token": cmd_token, **dict.fromkeys(OPS, cmd_ops)}
     try:
         if command == "serve":
             return serve(config, args.workers)

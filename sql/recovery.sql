@@ -1,0 +1,14 @@
+-- WAL crash recovery (storage/recovery.py) and maintenance that needs a row lock.
+
+-- name: lock_file_nowait
+-- $1 file_id: the row, locked for the transaction; fails at once (55P03) when a live
+-- operation holds it, so recovery skips that row instead of waiting
+SELECT * FROM <prefix>_files WHERE file_id = $1 FOR UPDATE NOWAIT;
+
+-- name: pending_wal_page
+-- $1 started before, $2/$3 after this (started_at, transaction_id) (keyset), $4 limit:
+-- pending rows in start order (recovery works in pages and skips rows it cannot resolve)
+SELECT * FROM <prefix>_wal
+WHERE status = 'pending' AND started_at < $1 AND (started_at, transaction_id) > ($2, $3)
+ORDER BY started_at, transaction_id
+LIMIT $4;

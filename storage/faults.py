@@ -1,0 +1,31 @@
+"""Fault injection for the crash tests: die like a power cut at a named step.
+
+``STORAGE_FAULT_POINT=<name>`` (read by :class:`~storage.config.Config` only) makes
+the process SIGKILL itself when it reaches ``await faults.point(el, "<name>")``.
+Unset in production, where each point costs one attribute comparison.
+
+Points (see tests/test_crash.py): ``upload.after_intent``, ``upload.after_body``,
+``upload.after_data``, ``upload.after_attr``, ``upload.after_commit``,
+``update.after_intent``, ``update.after_attr``, ``update.after_commit``,
+``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
+``recovery.resolved``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+
+async def point(el, name: str) -> None:
+    """SIGKILL this process if ``name`` is the configured fault point."""
+    if el.config.fault_point == name:
+        log.critical("fault injection: killing the process at %s", name)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
