@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Any
 
-from . import attrmeta, attrs, repo
+from . import attrmeta, attrs, faults, repo
 from .access import Identity
 from .backends.base import ObjectMissing
 from .element import Element
@@ -64,6 +64,7 @@ async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description:
     # per request at a time, so a busy pool cannot deadlock).
     await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_update",
                           file_id=file_id, data=data, user_id=who.sub, started_at=now)
+    await faults.point(el, "update.after_intent")
     try:
         async with el.db.pool.acquire() as conn, conn.transaction():
             meta = await repo.lock_file(conn, el.db.q, file_id)
@@ -78,12 +79,15 @@ async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description:
                 meta.metadata_json = metadata
             meta.updated_at = now
             await el.backend.write_attr(meta.relative_path, attr_document(meta, extra))
+            await faults.point(el, "update.after_attr")
             row = await repo.update_file(
                 conn, el.db.q, file_id, description=description, version=version,
-                metadata=metadata, replace_metadata=metadata is not None, updated_at=now,
+                metadata=metadata or None, replace_metadata=metadata is not None,
+                updated_at=now,
                 ttl_hours=ttl_hours(el),
             )
             await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
+        await faults.point(el, "update.after_commit")
     except BaseException as exc:
         await _rollback(el, txid, exc)
         raise
@@ -125,6 +129,7 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | N
             "storage_filename": meta.storage_filename, "relative_path": meta.relative_path}
     await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_delete", file_id=file_id,
                           data=data, user_id=who.sub, started_at=now)
+    await faults.point(el, "delete.after_intent")
     try:
         async with el.db.pool.acquire() as conn, conn.transaction():
             meta = await repo.lock_file(conn, el.db.q, file_id)
@@ -132,10 +137,12 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | N
                 await repo.rollback_wal(conn, el.db.q, txid, "already deleted", utcnow())
                 return None
             existed = await el.backend.delete(meta.relative_path)
+            await faults.point(el, "delete.after_files")
             if not existed:
                 log.warning("deleting %s: its data object was already missing", file_id)
             await repo.delete_file(conn, el.db.q, file_id)
             await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
+        await faults.point(el, "delete.after_commit")
     except BaseException as exc:
         await _rollback(el, txid, exc)
         raise

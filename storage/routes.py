@@ -6,7 +6,7 @@ from aiohttp import web
 
 from . import metrics, openapi
 from .appkeys import config_key
-from .views import download, files, health, ops
+from .views import cache, download, files, health, ops
 
 
 def setup_routes(app: web.Application) -> None:
@@ -35,6 +35,16 @@ def setup_routes(app: web.Application) -> None:
         web.post("/api/v1/mode/transition", ops.set_mode, name="mode_transition"),
         web.get("/api/v1/mode/history", ops.mode_history, name="mode_history"),
         web.get("/api/v1/openapi.json", openapi.serve, name="openapi"),
+    ])
+    app.add_routes([
+        web.post("/api/v1/cache/rebuild", cache.rebuild, name="cache_rebuild"),
+        web.post("/api/v1/cache/rebuild/incremental", cache.rebuild_incremental,
+                 name="cache_rebuild_incremental"),
+        web.get("/api/v1/cache/consistency", cache.consistency, name="cache_consistency"),
+        web.post("/api/v1/cache/cleanup-expired", cache.cleanup_expired,
+                 name="cache_cleanup_expired"),
+        web.delete("/api/v1/gc/{file_id}", cache.gc_delete, name="gc_delete"),
+        web.get("/api/v1/gc/{file_id}/exists", cache.gc_exists, name="gc_exists"),
     ])
     if config.metrics_enabled:  # both forms: upstream scrapers use /metrics/
         path = config.metrics_path.rstrip("/") or "/metrics"

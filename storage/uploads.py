@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from . import attrmeta, attrs, naming, repo
+from . import attrmeta, attrs, faults, naming, repo
 from .access import Identity
 from .backends.base import Writer
 from .element import Element
@@ -182,22 +182,27 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
         },
     }
     await _reserve(el, txid, need, insert=intent)
+    await faults.point(el, "upload.after_intent")
     visible = False
     try:
         async with el.backend.create(meta.relative_path, spec.declared_size) as writer:
             if "md5" in spec.digests:
                 writer.hasher.enable_md5()
             await _stream(el, spec, txid, writer, chunks, need)
+            await faults.point(el, "upload.after_body")
             _verify_digests(spec, writer)
             meta.file_size, meta.checksum = writer.size, writer.sha256
             # multipart fields that followed the file part
             meta.description, meta.version = spec.description, spec.version
-            meta.metadata_json = spec.metadata
+            meta.metadata_json = spec.metadata or None  # {} reads back as null
             document = attr_document(meta)
             await writer.commit()
             visible = True
+        await faults.point(el, "upload.after_data")
         await el.backend.write_attr(meta.relative_path, document)
+        await faults.point(el, "upload.after_attr")
         meta = await _finish(el, meta, txid)
+        await faults.point(el, "upload.after_commit")
     except BaseException as exc:
         await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
         raise
