@@ -73,3 +73,26 @@ WHERE cache_updated_at + make_interval(hours => cache_ttl_hours) < now();
 -- name: all_file_ids
 -- no parameters: every id, for consistency checks (streamed with a cursor)
 SELECT file_id FROM <prefix>_files;
+
+-- name: finish_create
+-- $1..$16 as insert_file, $17 transaction_id, $18 WAL result, $19 completed_at:
+-- the metadata row and the WAL commit in one statement (one round trip, atomic)
+WITH f AS (
+    INSERT INTO <prefix>_files (
+        file_id, original_filename, storage_filename, file_size, content_type,
+        created_at, updated_at, created_by_id, created_by_username, created_by_fullname,
+        description, version, storage_path, checksum, metadata_json,
+        cache_updated_at, cache_ttl_hours)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), $16)
+    RETURNING *
+), w AS (
+    UPDATE <prefix>_wal SET
+        status = 'committed',
+        operation_data = operation_data || jsonb_build_object('result', $18::jsonb),
+        completed_at = $19,
+        duration_ms = (extract(epoch FROM ($19 - started_at)) * 1000)::integer,
+        reserved_bytes = 0
+    WHERE transaction_id = $17 AND status = 'pending'
+    RETURNING transaction_id
+)
+SELECT f.*, (SELECT count(*) FROM w) AS wal_committed FROM f;

@@ -52,3 +52,10 @@ SELECT count(*) FROM <prefix>_wal WHERE status = 'pending';
 -- name: purge_wal
 -- $1 cutoff: finished rows completed before it are deleted
 DELETE FROM <prefix>_wal WHERE status <> 'pending' AND completed_at < $1;
+
+-- name: reserve
+-- $1 transaction_id, $2 bytes needed in total, $3 capacity limit, $4 free disk bytes
+-- (NULL: no disk limit), $5 operation_type (NULL: grow the existing row's reservation),
+-- $6 file_id, $7 operation_data, $8 user_id, $9 started_at, $10 refuse an existing file_id?
+-- One round trip; see migrations/0005.reserve.py.
+SELECT * FROM <prefix>_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);

@@ -7,6 +7,7 @@ connection ``conn`` plus ``q`` when it must run inside a caller's transaction.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,18 @@ async def insert_file(conn: Conn, q: Queries, m: FileMeta) -> FileMeta:
         m.content_type, m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
         m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
         m.metadata_json, m.cache_ttl_hours,
+    )
+    return FileMeta.from_record(rec)
+
+
+async def finish_create(db: Db, m: FileMeta, txid: uuid.UUID, result: dict[str, Any],
+                        at: datetime) -> FileMeta:
+    """Insert the metadata row and commit its WAL intent in one atomic statement."""
+    rec = await db.pool.fetchrow(
+        db.q.finish_create, m.file_id, m.original_filename, m.storage_filename, m.file_size,
+        m.content_type, m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
+        m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
+        m.metadata_json, m.cache_ttl_hours, txid, result, at,
     )
     return FileMeta.from_record(rec)
 
@@ -101,10 +114,24 @@ async def set_reservation(conn: Conn, q: Queries, txid: uuid.UUID, reserved: int
     return await conn.fetchval(q.set_reservation, txid, reserved) is not None
 
 
-async def wal_reservation(conn: Conn, q: Queries, txid: uuid.UUID) -> int:
-    """Bytes currently reserved by the pending WAL row ``txid`` (0 when none)."""
-    rec = await conn.fetchrow(q.get_wal, txid)
-    return rec["reserved_bytes"] if rec else 0
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: str  # ok | exists | capacity | disk | gone
+    used: int
+    reserved: int
+
+
+async def reserve(
+    db: Db, txid: uuid.UUID, need: int, *, limit: int, free: int | None,
+    intent: dict[str, Any] | None = None, check_id: bool = False,
+) -> Reservation:
+    """Check capacity and insert (``intent`` given) or grow a WAL reservation atomically."""
+    i = intent or {}
+    rec = await db.pool.fetchrow(
+        db.q.reserve, txid, need, limit, free, i.get("op"), i.get("file_id"), i.get("data"),
+        i.get("user_id"), i.get("started_at"), check_id,
+    )
+    return Reservation(rec["status"], rec["used"] or 0, rec["reserved"] or 0)
 
 
 async def get_wal(db: Db, txid: uuid.UUID) -> WalEntry | None:

@@ -90,60 +90,90 @@ def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
         raise BadRequest(exc.reason) from None
 
 
-def _check_capacity(el: Element, used: int, reserved: int, free: int | None,
-                    extra: int, need: int) -> None:
-    """:raises InsufficientStorage: when ``extra`` more bytes do not fit."""
+def _refuse(el: Element, r: repo.Reservation, need: int) -> None:
+    """:raises Conflict / InsufficientStorage: for a reservation that was refused."""
+    if r.status == "exists":
+        raise Conflict("File with this ID already exists")
     limit = el.config.storage_max_size
-    if used + reserved + extra > limit:
+    if r.status == "capacity":
         raise InsufficientStorage(
             f"Not enough capacity: {need} bytes requested, "
-            f"{max(limit - used - reserved, 0)} of {limit} bytes available",
+            f"{max(limit - r.used - r.reserved, 0)} of {limit} bytes available",
             headers={"Connection": "close"},
         )
-    if free is not None and free - el.config.storage_disk_reserve - reserved < extra:
+    if r.status == "disk":
         raise InsufficientStorage(f"Not enough free disk space for {need} bytes",
                                   headers={"Connection": "close"})
+    if r.status != "ok":
+        raise ClientGone("The upload was cancelled while it was running")
+
+
+async def _free(el: Element) -> int | None:
+    free = await el.backend.free_bytes()
+    return None if free is None else free - el.config.storage_disk_reserve
 
 
 async def precheck_capacity(el: Element, need: int | None) -> None:
     """An early, non-reserving 507 (e.g. before answering ``100 Continue``)."""
     if need:
         used, _files, reserved = await repo.capacity_usage(el.db.pool, el.db.q)
-        _check_capacity(el, used, reserved, await el.backend.free_bytes(), need, need)
+        free = await _free(el)
+        if used + reserved + need > el.config.storage_max_size:
+            _refuse(el, repo.Reservation("capacity", used, reserved), need)
+        if free is not None and free - reserved < need:
+            _refuse(el, repo.Reservation("disk", used, reserved), need)
 
 
-async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None) -> None:
+async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
+                   check_id: bool = False) -> None:
     """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
-    free = await el.backend.free_bytes()
-    async with el.db.pool.acquire() as conn, conn.transaction():
-        await repo.capacity_lock(conn, el.db.q)
-        used, _files, reserved = await repo.capacity_usage(conn, el.db.q)
-        current = 0 if insert is not None else await repo.wal_reservation(conn, el.db.q, txid)
-        _check_capacity(el, used, reserved, free, need - current, need)
-        if insert is not None:
-            await repo.insert_wal(conn, el.db.q, txid=txid, reserved=need, **insert)
-        else:
-            await repo.set_reservation(conn, el.db.q, txid, need)
+    r = await repo.reserve(el.db, txid, need, limit=el.config.storage_max_size,
+                           free=await _free(el), intent=insert, check_id=check_id)
+    if r.status == "exists":
+        raise Conflict(f"File with ID {insert['file_id']} already exists")
+    _refuse(el, r, need)
 
 
 async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer,
                   chunks: AsyncIterator[bytes], reserved: int) -> None:
     cap = max_file_size(el)
-    try:
-        async for chunk in chunks:
-            if writer.size + len(chunk) > cap:
-                raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
-                                      headers={"Connection": "close"})
-            if writer.size + len(chunk) > reserved:
-                reserved = min(cap, max(reserved + GROWTH_STEP, writer.size + len(chunk)))
-                await _reserve(el, txid, reserved, insert=None)
-            await writer.write(chunk)
-    except (ConnectionError, asyncio.IncompleteReadError) as exc:
-        raise ClientGone(f"The upload was interrupted: {exc}") from None
+    body = aiter(chunks)
+    while True:
+        # Only the body read means "the client went away": a ConnectionError from the
+        # reservation below is the database (503), not an interrupted upload (400).
+        try:
+            chunk = await anext(body)
+        except StopAsyncIteration:
+            break
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise ClientGone(f"The upload was interrupted: {exc}") from None
+        if writer.size + len(chunk) > cap:
+            raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
+                                  headers={"Connection": "close"})
+        if writer.size + len(chunk) > reserved:
+            reserved = await _grow(el, txid, reserved, writer.size + len(chunk), cap)
+        await writer.write(chunk)
     if spec.declared_size is not None and writer.size != spec.declared_size:
         raise ClientGone(
             f"Received {writer.size} bytes but Content-Length announced {spec.declared_size}"
         )
+
+
+async def _grow(el: Element, txid: uuid.UUID, reserved: int, need: int, cap: int) -> int:
+    """Grow the reservation by a step; near the limit, by just what is ``need``ed.
+
+    A whole step (64 MiB) must not be demanded from a disk with less free space than
+    that: a small chunked upload would get 507 on a disk with room for it (issue 11).
+    """
+    step = min(cap, max(reserved + GROWTH_STEP, need))
+    try:
+        await _reserve(el, txid, step, insert=None)
+        return step
+    except InsufficientStorage:
+        if step == need:
+            raise
+    await _reserve(el, txid, need, insert=None)
+    return need
 
 
 def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
@@ -156,18 +186,11 @@ def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
             )
 
 
-async def ensure_new_id(el: Element, file_id: uuid.UUID) -> None:
-    if await repo.file_exists(el.db, file_id):
-        raise Conflict(f"File with ID {file_id} already exists")
-
-
 async def store(el: Element, spec: UploadSpec, who: Identity,
                 chunks: AsyncIterator[bytes]) -> FileMeta:
     """Store one upload durably.  Nothing is visible unless this returns."""
     now = utcnow()
     file_id = spec.file_id or uuid.uuid4()
-    if spec.file_id is not None:
-        await ensure_new_id(el, file_id)
     meta = build_meta(spec, who, file_id, now)
     attr_document(meta)  # 400 up front when the attr file would be too large
     txid = uuid.uuid4()
@@ -181,11 +204,12 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             "relative_path": meta.relative_path, "content_type": meta.content_type,
         },
     }
-    await _reserve(el, txid, need, insert=intent)
+    await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     await faults.point(el, "upload.after_intent")
     visible = False
     try:
-        async with el.backend.create(meta.relative_path, spec.declared_size) as writer:
+        async with el.backend.create(meta.relative_path, spec.declared_size,
+                                     content_type=meta.content_type) as writer:
             if "md5" in spec.digests:
                 writer.hasher.enable_md5()
             await _stream(el, spec, txid, writer, chunks, need)
@@ -213,12 +237,9 @@ async def _finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
     result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
               "file_size": meta.file_size}
     try:
-        async with el.db.pool.acquire() as conn, conn.transaction():
-            row = await repo.insert_file(conn, el.db.q, meta)
-            await repo.commit_wal(conn, el.db.q, txid, result, utcnow())
+        return await repo.finish_create(el.db, meta, txid, result, utcnow())
     except asyncpg.UniqueViolationError:
         raise Conflict(f"File with ID {meta.file_id} already exists") from None
-    return row
 
 
 async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
