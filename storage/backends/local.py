@@ -157,11 +157,21 @@ class LocalBackend(Backend):
         self.location = str(self.root)
 
     def path(self, relpath: str) -> Path:
-        """Absolute path of ``relpath``; refuses anything that would leave the root."""
-        path = (self.root / relpath).resolve()
-        if not path.is_relative_to(self.root) or path == self.root:
-            raise ObjectMissing(f"Invalid storage path: {relpath}")
-        return path
+        """Absolute path of ``relpath``; refuses anything that could leave the root.
+
+        The check is lexical (no absolute path, no ``..``, no empty or ``.``
+        component, no NUL) so the hot path makes no syscalls; symlinks planted
+        inside the tree are refused where data is read (:meth:`open`).
+        """
+        parts = relpath.split("/")
+        if (not relpath or relpath.startswith("/") or "\0" in relpath
+                or any(p in ("", ".", "..") for p in parts)):
+            raise ObjectMissing(f"Invalid storage path: {relpath!r:.200}")
+        return self.root.joinpath(*parts)
+
+    def _inside(self, path: Path) -> bool:
+        """True if ``path`` really lies under the root once symlinks are resolved."""
+        return Path(os.path.realpath(path)).is_relative_to(self.root)
 
     async def start(self) -> None:
         try:
@@ -169,13 +179,16 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise StoreUnavailable(f"Cannot create storage directory {self.root}: {exc}") from exc
 
-    def create(self, relpath: str, size_hint: int | None = None) -> Writer:
-        return LocalWriter(self, relpath)
+    def create(self, relpath: str, size_hint: int | None = None, *,
+               content_type: str | None = None) -> Writer:
+        return LocalWriter(self, relpath)  # a file has no content type; the attr keeps it
 
     async def open(self, relpath: str) -> Reader:
         path = self.path(relpath)
 
         def _open():
+            if not self._inside(path):  # a symlink planted in the tree
+                raise FileNotFoundError(path)
             fobj = open(path, "rb")  # noqa: SIM115 - closed by LocalReader.close
             return fobj, os.fstat(fobj.fileno()).st_size
 

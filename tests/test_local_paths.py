@@ -1,0 +1,48 @@
+"""The local backend never reads or writes outside its root."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from storage.backends.base import ObjectMissing
+from storage.backends.local import LocalBackend
+from storage.config import Config
+
+
+@pytest.fixture
+async def backend(tmp_path):
+    b = LocalBackend(Config(storage_local_base_path=tmp_path / "root"))
+    await b.start()
+    return b
+
+
+@pytest.mark.parametrize("relpath", ["../a", "/etc/passwd", "a/../../b", "a//b", "", "a/./b",
+                                     "a\x00b", "..", "2026/.."])
+def test_lexically_unsafe_paths_are_refused(backend, relpath):
+    with pytest.raises(ObjectMissing):
+        backend.path(relpath)
+
+
+async def test_symlink_planted_in_the_tree_is_not_followed(backend, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (backend.root / "2026/01/01/00").mkdir(parents=True)
+    os.symlink(secret, backend.root / "2026/01/01/00/evil.txt")
+    os.symlink(tmp_path, backend.root / "2026/01/01/00/dir")
+    with pytest.raises(ObjectMissing):
+        await backend.open("2026/01/01/00/evil.txt")
+    with pytest.raises(ObjectMissing):
+        await backend.open("2026/01/01/00/dir/secret.txt")
+
+
+async def test_regular_file_inside_is_served(backend):
+    async with backend.create("2026/01/01/00/ok.txt") as w:
+        await w.write(b"fine")
+        await w.commit()
+    reader = await backend.open("2026/01/01/00/ok.txt")
+    try:
+        assert b"".join([c async for c in reader.iter_range(0, 3, 2)]) == b"fine"
+        assert reader.info.path == Path(backend.root, "2026/01/01/00/ok.txt")
+    finally:
+        await reader.close()
