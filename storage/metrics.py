@@ -16,7 +16,7 @@ cache rebuild and startup recovery::
     m.recovery_runs.labels(status="success").inc()          # success|error
     m.recovery_actions.labels(action="rolled_back").inc(n)  # free-form, low cardinality
     m.recovery_duration.observe(seconds)
-    m.gc_deletes.labels(status="deleted").inc()             # deleted|already_deleted|error
+    m.gc_deletes  # counted by the request middleware (route "gc_delete"), by outcome
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 UPLOAD_ROUTES = ("upload", "put_raw")
 DOWNLOAD_ROUTES = ("download",)
 DELETE_ROUTES = ("delete",)
+GC_ROUTES = ("gc_delete",)
+GC_OUTCOMES = ("deleted", "already_deleted")
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -177,12 +179,15 @@ def route_name(request: web.BaseRequest) -> str | None:
     return getattr(route, "name", None)
 
 
-def _file_size(resp: web.StreamResponse) -> int:
+def _json_field(resp: web.StreamResponse | None, key: str):
+    """A top-level field of a small JSON response the handler returned, else None."""
     body = getattr(resp, "body", None)
+    if not isinstance(body, bytes | bytearray) or len(body) > 64 * 1024:
+        return None
     try:
-        return int(json.loads(bytes(body))["file_size"]) if body else 0
-    except (ValueError, KeyError, TypeError):
-        return 0
+        return json.loads(body).get(key)
+    except (ValueError, AttributeError):
+        return None
 
 
 def observe_request(request: web.Request, resp: web.StreamResponse | None, status: int,
@@ -198,7 +203,8 @@ def observe_request(request: web.Request, resp: web.StreamResponse | None, statu
     if name in UPLOAD_ROUTES:
         metrics.uploads.labels("success" if ok else "error").inc()
         if ok and resp is not None:
-            metrics.upload_bytes.inc(_file_size(resp))
+            size = _json_field(resp, "file_size")
+            metrics.upload_bytes.inc(size if isinstance(size, int) else 0)
             metrics.upload_duration.observe(duration)
     elif name in DOWNLOAD_ROUTES and request.method == "GET" and status != 304:
         metrics.downloads.labels("success" if ok else "error").inc()
@@ -207,6 +213,9 @@ def observe_request(request: web.Request, resp: web.StreamResponse | None, statu
             metrics.download_duration.observe(duration)
     elif name in DELETE_ROUTES:
         metrics.deletes.labels("success" if ok else "error").inc()
+    elif name in GC_ROUTES:
+        outcome = _json_field(resp, "status") if ok else None
+        metrics.gc_deletes.labels(outcome if outcome in GC_OUTCOMES else "error").inc()
 
 
 async def refresh(app: web.Application) -> None:

@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 from . import metrics as metrics_mod
 from .access import identity_key
 from .appkeys import config_key, metrics_key, runtime_key
-from .errors import error_middleware, problem
+from .errors import Unavailable, error_middleware, problem, render
 from .logs import request_id_var
 from .tracing import tracing_key
 
@@ -85,6 +85,9 @@ async def request_middleware(request: web.Request, handler) -> web.StreamRespons
     tracing = app.get(tracing_key)
     if tracing is not None:
         span = tracing.start_request(request, metrics_mod.route_label(request), rid)
+    runtime = app.get(runtime_key)
+    if runtime is not None:
+        runtime.enter()
     m.requests_in_flight.inc()
     if upload:
         m.uploads_in_flight.inc()
@@ -92,7 +95,13 @@ async def request_middleware(request: web.Request, handler) -> web.StreamRespons
     resp: web.StreamResponse | None = None
     status = 500
     try:
-        resp = await error_middleware(request, handler)
+        if runtime is not None and runtime.stopping and \
+                metrics_mod.route_name(request) not in QUIET_ROUTES:
+            resp = render(Unavailable("The service is shutting down; retry on another "
+                                      "connection", headers={"Retry-After": "1",
+                                                             "Connection": "close"}))
+        else:
+            resp = await error_middleware(request, handler)
         status = resp.status
         return resp
     except web.HTTPException as exc:  # redirects pass through the error middleware
@@ -103,6 +112,8 @@ async def request_middleware(request: web.Request, handler) -> web.StreamRespons
         raise
     finally:
         duration = time.perf_counter() - start
+        if runtime is not None:
+            runtime.leave()
         m.requests_in_flight.dec()
         if upload:
             m.uploads_in_flight.dec()
@@ -175,11 +186,11 @@ async def _on_response_prepare(request: web.Request, resp: web.StreamResponse) -
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    """SIGTERM: listening has stopped; readiness turns 503 while in-flight requests finish."""
+    """Readiness turns 503 and new requests are refused (storage/lifecycle.py does it
+    earlier, before draining; this covers any other runner)."""
     runtime = app.get(runtime_key)
     if runtime is not None:
         runtime.stopping = True
-    log.info("shutting down: no new connections; waiting for requests in flight")
 
 
 def install(app: web.Application) -> None:

@@ -70,7 +70,21 @@ NON_NEG = {"type": "integer", "minimum": 0}
 # Text the service stores: PostgreSQL text refuses NUL, so it is no valid input.
 TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
+NO_NUL = "^[^\\u0000]*$"
+# What the strict JSON reader accepts anywhere in a body: no NUL in text or keys,
+# integers exact in a double (|n| <= 2**53), at most 32 levels deep.
+JSON_VALUE = {"anyOf": [
+    {"type": "string", "pattern": NO_NUL},
+    {"type": "integer", "minimum": -(2**53), "maximum": 2**53},
+    {"type": "number", "not": {"type": "integer"}},
+    {"type": "boolean"}, {"type": "null"},
+    {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+    {"type": "object", "propertyNames": {"pattern": NO_NUL},
+     "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+]}
+
 SCHEMAS: dict[str, Any] = {
+    "JsonValue": JSON_VALUE,
     "Problem": _obj({
         "type": STR, "title": STR, "status": {"type": "integer", "minimum": 400,
                                                 "maximum": 599},
@@ -106,8 +120,10 @@ SCHEMAS: dict[str, Any] = {
         "description": _nullable({**TEXT, "maxLength": 4096}),
         "version": _nullable({**TEXT, "maxLength": 50}),
         "metadata": _nullable({"type": "object", "description":
-                               "Replaces the whole custom metadata object"}),
-    }, required=[]),
+                               "Replaces the whole custom metadata object",
+                               "propertyNames": {"pattern": NO_NUL},
+                               "additionalProperties": _ref("JsonValue")}),
+    }, required=[]) | {"additionalProperties": _ref("JsonValue")},
     "Root": _obj({"service": STR, "version": STR, "mode": {"enum": MODES},
                   "storage_type": {"enum": ["local", "s3"]}, "status": STR}),
     "Live": _obj({"status": {"const": "ok"}, "timestamp": TIME,
@@ -151,10 +167,11 @@ SCHEMAS: dict[str, Any] = {
         "from_mode": {"enum": MODES}, "to_mode": {"enum": MODES}, "changed_by": STR,
         "changed_at": TIME}, additional=False)}}, additional=False),
     "GcDeleteRequest": _obj({
-        "reason": {**TEXT, "default": "gc_cleanup"},
-        "cleanup_type": _nullable({**TEXT, "description":
+        "reason": _nullable({**TEXT, "maxLength": 500, "default": "gc_cleanup",
+                             "description": "Logged; null, empty or absent means gc_cleanup"}),
+        "cleanup_type": _nullable({**TEXT, "maxLength": 100, "description":
                                    "ttl_expired, finalized or orphaned (free text, logged)"}),
-    }, required=[]),
+    }, required=[]) | {"additionalProperties": _ref("JsonValue")},
     "GcDeleteResult": _obj({"status": {"enum": ["deleted", "already_deleted"]},
                             "file_id": UUID, "deleted_at": TIME, "deleted_by": STR,
                             "reason": STR}),
@@ -215,8 +232,13 @@ def _error_component(code: int) -> dict[str, Any]:
             "content": {PROBLEM: {"schema": _ref("Problem")}}}
 
 
+EMPTY = {"type": "string", "maxLength": 0}
+
+
 def _param(name: str, where: str, schema: dict[str, Any], description: str = "",
            required: bool = False) -> dict[str, Any]:
+    if where == "query" and schema.get("type") != "string":
+        schema = {"anyOf": [schema, EMPTY]}  # an empty value means "not given" (the default)
     p = {"name": name, "in": where, "schema": schema, "required": required or where == "path"}
     if description:
         p["description"] = description
@@ -259,8 +281,10 @@ SEARCH_PARAMS = [
     _param("created_by", "query", {**TEXT, "maxLength": 255}, "Uploader's JWT sub or name"),
     _param("min_size", "query", NON_NEG, "Smallest file size in bytes (inclusive)"),
     _param("max_size", "query", NON_NEG, "Largest file size in bytes (inclusive)"),
-    _param("created_after", "query", TIME, "ISO 8601 with a UTC offset"),
-    _param("created_before", "query", TIME, "ISO 8601 with a UTC offset"),
+    _param("created_after", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
+           "ISO 8601 with a UTC offset"),
+    _param("created_before", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
+           "ISO 8601 with a UTC offset"),
     _param("sort", "query", {"enum": SORTS}, "rank needs q; default rank with q, else "
            "-created_at"),
     _param("cursor", "query", {**TEXT, "maxLength": 1024},
@@ -380,7 +404,8 @@ def _ops_paths() -> dict[str, Any]:
                 "At most this many entries (default 100; clamped to 1000)")])},
         "/api/v1/gc/{file_id}": {"delete": op("Garbage-collect a file (service accounts)", {
             "200": ok("GcDeleteResult"), **errors(400, 401, 403, 422, 503)},
-            tags=["gc"], params=[FILE_ID], body=_json_body("GcDeleteRequest", False),
+            tags=["gc"], params=[FILE_ID], body={"required": False, "content": {
+                "application/json": {"schema": _nullable(_ref("GcDeleteRequest"))}}},
             op_id="gc_delete", description="Any mode; idempotent: already_deleted when the "
             "file is gone.")},
         "/api/v1/gc/{file_id}/exists": {"get": op("Whether a file exists (service accounts)", {

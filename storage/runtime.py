@@ -18,6 +18,18 @@ class Runtime:
     recovering: bool = False
     stopping: bool = False
     inflight_uploads: set[asyncio.Task] = field(default_factory=set)
+    active_requests: int = 0  # requests inside the handlers (graceful shutdown waits for 0)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.mode = self.mode or self.config.app_mode
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.active_requests += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.active_requests -= 1
+        if self.active_requests <= 0:
+            self.idle.set()

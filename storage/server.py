@@ -7,8 +7,7 @@ import multiprocessing
 import signal
 import sys
 
-from aiohttp import web
-
+from . import lifecycle
 from .app import make_app
 from .config import Config
 
@@ -16,11 +15,8 @@ log = logging.getLogger("storage")
 
 
 def _serve(config: Config, reuse_port: bool) -> None:
-    web.run_app(
-        make_app(config), host=config.server_host, port=config.server_port,
-        shutdown_timeout=config.shutdown_timeout, reuse_port=reuse_port or None,
-        access_log=None, print=lambda msg: log.info(msg.strip()), handler_cancellation=False,
-    )
+    # not web.run_app: it drops the body bytes of uploads in flight at SIGTERM
+    lifecycle.serve(make_app(config), config, reuse_port=reuse_port)
 
 
 def _worker(config: Config) -> None:  # pragma: no cover - runs in child processes

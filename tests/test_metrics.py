@@ -135,18 +135,32 @@ async def test_two_apps_in_one_process_keep_separate_registries(app_factory, aut
     assert a.app[metrics_key].registry is not b.app[metrics_key].registry
 
 
-async def test_counters_other_modules_increment_are_exposed(client):
+async def test_counters_other_modules_increment_are_exposed(client, auth):
     m = client.app[metrics_key]
-    m.recovery_runs.labels(status="success").inc()
+    before = await scrape(client)
     m.recovery_actions.labels(action="rolled_back").inc(3)
     m.cache_rebuilds.labels(operation="full", status="success").inc()
     m.cache_entries.labels(action="created").inc(5)
-    m.gc_deletes.labels(status="already_deleted").inc()
     got = await scrape(client)
-    assert value(got, "storage_recovery_actions_total", action="rolled_back") == 3
-    assert value(got, "storage_cache_entries_total", action="created") == 5
-    assert value(got, "storage_recovery_runs_total", status="success") == 1
+    assert value(got, "storage_recovery_actions_total", action="rolled_back") == \
+        value(before, "storage_recovery_actions_total", action="rolled_back") + 3
+    assert value(got, "storage_cache_entries_total", action="created") == \
+        value(before, "storage_cache_entries_total", action="created") + 5
+    assert value(got, "storage_cache_rebuilds_total", operation="full", status="success") >= 1
+
+
+async def test_gc_deletes_are_counted_by_outcome(client, auth):
+    body = await upload(client, auth(), b"gc me")
+    for fid in (body["file_id"], str(uuid.uuid4())):
+        resp = await client.delete(f"/api/v1/gc/{fid}", headers=auth())
+        assert resp.status == 200
+    resp = await client.delete(f"/api/v1/gc/{uuid.uuid4()}", headers=auth(
+        token_type="admin_user"))
+    assert resp.status == 403
+    got = await scrape(client)
+    assert value(got, "storage_gc_deletes_total", status="deleted") == 1
     assert value(got, "storage_gc_deletes_total", status="already_deleted") == 1
+    assert value(got, "storage_gc_deletes_total", status="error") == 1
 
 
 async def test_mode_gauge_follows_transitions(app_factory, auth):

@@ -163,10 +163,16 @@ async def test_ready_reports_pending_migrations_and_shutdown(client, config, pg_
     body = await _json(client, "/health/ready", status=503)
     assert body["checks"]["migrations"] == "pending: 0003.mode_history"
     await client.app.shutdown()  # what SIGTERM triggers once listening has stopped
+    assert client.app[runtime_key].stopping
     body = await _json(client, "/health/ready", status=503)
     assert body["checks"]["lifecycle"] == "stopping"
-    assert (await _json(client, "/api/v1/info"))["status"] == "offline"
-    assert client.app[runtime_key].stopping
+    assert (await client.get("/health/live")).status == 200
+    # requests arriving on kept-alive connections are turned away cleanly
+    for path in ("/api/v1/info", "/api/v1/files"):
+        resp = await client.get(path)
+        body = await resp.json(content_type=None)
+        assert resp.status == 503 and "shutting down" in body["detail"]
+        assert resp.headers["Retry-After"] == "1" and resp.headers["Connection"] == "close"
 
 
 # --- request id, access log ------------------------------------------------------------
