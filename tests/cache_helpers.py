@@ -1,0 +1,103 @@
+"""Helpers shared by the cache, GC, recovery and crash tests (issue 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from storage import attrmeta, attrs
+from storage.element import element_key
+from storage.models import FileMeta
+
+ATTR = ".attr.json"
+# Every column a rebuild must reproduce exactly (all but the cache bookkeeping).
+LOSSLESS = ("file_id", "original_filename", "storage_filename", "file_size", "content_type",
+            "created_at", "updated_at", "created_by_id", "created_by_username",
+            "created_by_fullname", "description", "version", "storage_path", "checksum",
+            "metadata_json")
+
+
+def element(client):
+    return client.server.app[element_key]
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn)
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads,
+                                  schema="pg_catalog")
+    return conn
+
+
+async def rows(conn: asyncpg.Connection, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every cache row by file id, lossless columns only."""
+    recs = await conn.fetch(f"SELECT * FROM {prefix}_files")
+    return {str(r["file_id"]): {k: r[k] for k in LOSSLESS} for r in recs}
+
+
+async def totals(conn: asyncpg.Connection, prefix: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(config totals, actual count/sum) — equal when the triggers and rebuild agree."""
+    cfg = await conn.fetchrow(f"SELECT total_files, total_size_bytes FROM {prefix}_config")
+    real = await conn.fetchrow(
+        f"SELECT count(*) AS n, COALESCE(sum(file_size), 0) AS b FROM {prefix}_files")
+    return (cfg["total_files"], cfg["total_size_bytes"]), (real["n"], real["b"])
+
+
+def attr_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*" + ATTR) if ".quarantine" not in p.parts
+                  and not p.name.startswith(".tmp"))
+
+
+def temp_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob(".tmp*") if p.is_file())
+
+
+def plant(root: Path, meta: FileMeta, data: bytes, *, v1: bool = False,
+          extra: dict | None = None) -> Path:
+    """Write a data file and its attr document straight to disk (as another tool would):
+    schema v2 as we write it, or with ``v1`` the fifteen keys upstream writes."""
+    meta.file_size, meta.checksum = len(data), hashlib.sha256(data).hexdigest()
+    path = root / meta.relative_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    body = v1_document(meta) if v1 else attrmeta.to_doc(meta).to_dict()
+    Path(str(path) + ATTR).write_text(json.dumps({**body, **(extra or {})}, indent=2,
+                                                 ensure_ascii=False))
+    return path
+
+
+def v1_document(meta: FileMeta) -> dict[str, Any]:
+    """The fifteen-key document upstream's writer produces (no schema_version)."""
+    doc = attrmeta.to_doc(meta).to_dict()
+    return {k: doc[k] for k in attrs.V1_KEYS}
+
+
+async def check_store(conn: asyncpg.Connection, prefix: str, root: Path) -> dict[str, Any]:
+    """The crash invariant: every row has its data (size, sha256) and an attr file equal
+    to it; no attr file without a row; no temp file; no pending WAL row; totals right.
+    Returns the rows by id."""
+    found = await rows(conn, prefix)
+    on_disk = {}
+    for attr in attr_files(root):
+        doc = attrs.loads(attr.read_bytes(), str(attr))
+        on_disk[str(doc.file_id)] = (attr, doc)
+    assert set(on_disk) == set(found), (set(on_disk) ^ set(found))
+    for file_id, row in found.items():
+        attr, doc = on_disk[file_id]
+        expected = {k: getattr(attrmeta.to_meta(doc), k) for k in LOSSLESS}
+        assert row == expected, (file_id, row, expected)
+        data = Path(str(attr)[: -len(ATTR)]).read_bytes()
+        assert len(data) == row["file_size"]
+        assert hashlib.sha256(data).hexdigest() == row["checksum"]
+    assert temp_files(root) == []
+    data_files = [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(ATTR)
+                  and ".quarantine" not in p.parts]
+    assert all(Path(str(p) + ATTR).exists() for p in data_files), data_files
+    assert await conn.fetchval(f"SELECT count(*) FROM {prefix}_wal WHERE status = 'pending'") == 0
+    config_totals, real = await totals(conn, prefix)
+    assert config_totals == real
+    return found
