@@ -25,6 +25,7 @@ sql/cache.sql); the next run picks it up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import posixpath
 import uuid
@@ -203,7 +204,8 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
                        before_write: Hook | None = None) -> Outcome:
     """Rebuild every row from the attr files (lossless; see the module docstring).
 
-    ``before_write`` (tests) runs after each batch is read and before its rows are written.
+    Reading batch N+1 overlaps writing batch N (one batch in flight, memory stays
+    bounded).  ``before_write`` (tests) runs after a batch is read, before its write.
     """
     out = Outcome("full", utcnow())
     stats, errors, q = out.statistics, out.errors, el.db.q
@@ -212,22 +214,37 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
         horizon = out.started_at - SKEW
         stats.cache_entries_before = await repo_cache.count_files(conn, q)
         ttl, complete = files.ttl_hours(el), True
-        async for relpaths in path_batches(el, batch):
-            scanned = await read_docs(el, relpaths)
-            stats.attr_files_scanned += len(scanned)
-            complete &= not any(s.transient for s in scanned)
-            rows = unique_rows([m for s in scanned if (m := to_row(s, ttl, errors))], errors)
-            if before_write:
-                await before_write(stats)
-            if rows:
-                counts = await repo_cache.rebuild_upsert(
-                    conn, q, rows, scan_start=scan_start, horizon=horizon, ttl=ttl)
-                stats.entries_created += counts.created
-                stats.entries_updated += counts.updated
-                if counts.verified + counts.created + counts.updated < len(rows):
-                    await _report_conflicts(conn, el, rows, errors)
-            if progress:
-                progress(stats, errors)
+
+        async def write(rows: list[FileMeta]) -> None:
+            counts = await repo_cache.rebuild_upsert(
+                conn, q, rows, scan_start=scan_start, horizon=horizon, ttl=ttl)
+            stats.entries_created += counts.created
+            stats.entries_updated += counts.updated
+            if counts.verified + counts.created + counts.updated < len(rows):
+                await _report_conflicts(conn, el, rows, errors)
+
+        writing: asyncio.Task | None = None
+        try:
+            async for relpaths in path_batches(el, batch):
+                scanned = await read_docs(el, relpaths)
+                stats.attr_files_scanned += len(scanned)
+                complete &= not any(s.transient for s in scanned)
+                rows = unique_rows([m for s in scanned if (m := to_row(s, ttl, errors))],
+                                   errors)
+                if before_write:
+                    await before_write(stats)
+                if writing:
+                    await writing
+                writing = asyncio.create_task(write(rows)) if rows else None
+                if progress:
+                    progress(stats, errors)
+            if writing:
+                await writing
+        finally:
+            if writing and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
         if complete:
             stats.entries_deleted = await _remove_unseen(el, conn, scan_start, horizon, errors)
         else:
