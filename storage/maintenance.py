@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from . import attrs, locks, repo
 from .backends.base import ObjectMissing
-from .cache import QUARANTINE, path_batches, read_doc
 from .element import Element
 from .errors import StorageError
 from .models import utcnow
+from .scan import QUARANTINE, path_batches, read_doc
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
