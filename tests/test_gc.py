@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime
 
@@ -138,3 +139,23 @@ async def test_exists_refreshes_an_expired_row(client, auth, config, pg_dsn):
         assert row["description"] == "truth"
     finally:
         await conn.close()
+
+
+async def test_gc_body_sent_in_pieces_and_oversized(client, auth):
+    file_id = uuid.uuid4()
+
+    async def pieces():
+        for part in (b'{"rea', b'son": "sl', b'ow client"}'):
+            yield part
+            await asyncio.sleep(0.05)
+
+    resp = await client.delete(f"/api/v1/gc/{file_id}", data=pieces(),
+                               headers={**auth(), "Content-Type": "application/json"})
+    assert resp.status == 200 and (await resp.json())["reason"] == "slow client"
+
+    async def big():
+        for _ in range(100):
+            yield b" " * 1024
+
+    resp = await client.delete(f"/api/v1/gc/{file_id}", data=big(), headers=auth())
+    assert resp.status == 400 and "too large" in (await resp.json())["detail"]

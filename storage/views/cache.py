@@ -48,11 +48,15 @@ async def cleanup_expired(request: web.Request) -> web.Response:
 
 async def _optional_json(request: web.Request) -> dict[str, Any]:
     """The optional GC body: absent, empty or ``null`` mean defaults; else a JSON object."""
+    too_large = BadRequest(f"request body too large (limit {MAX_BODY} bytes)")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest(f"request body too large (limit {MAX_BODY} bytes)")
-    raw = await request.content.read(MAX_BODY + 1)
+        raise too_large
+    try:
+        raw = await request.read()  # a chunked body is capped by client_max_size (1 MiB)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
     if len(raw) > MAX_BODY:
-        raise BadRequest(f"request body too large (limit {MAX_BODY} bytes)")
+        raise too_large
     if not raw.strip():
         return {}
     body = validate.strict_json(raw)
