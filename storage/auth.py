@@ -39,6 +39,7 @@ from .keys import (  # noqa: F401 - re-exported: the auth API in one place
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 8 * 1024
+VERIFIED_CACHE_SIZE = 4096
 REQUIRED_CLAIMS = ["exp", "nbf", "iat", "sub", "type", "role", "name", "jti"]
 BEARER_TYPES = ("admin_user", "service_account", "access")  # "refresh" is deliberately absent
 _ROLES = {"admin": "admin", "operator": "operator", "user": "user", "super_admin": "admin"}
@@ -75,6 +76,7 @@ class Authenticator:
         self.jwks = JwksSource(url) if url else None
         self.leeway = config.jwt_leeway_seconds
         self.issuer, self.audience = config.jwt_issuer, config.jwt_audience
+        self._verified: dict[tuple[str, int], tuple[rsa.RSAPublicKey, dict[str, Any]]] = {}
 
     async def start(self) -> None:
         if self.jwks is not None:
@@ -126,14 +128,25 @@ class Authenticator:
         return keys
 
     def _decode_with(self, token: str, key: rsa.RSAPublicKey) -> dict[str, Any]:
+        """Verified claims; a token already verified with this very key object is served
+        from a bounded cache (the RSA check dominated small requests) until it expires.
+        A rotated key is a new object, so rotation invalidates the cache by itself."""
+        cached = self._verified.get((token, id(key)))
+        fresh = cached is not None and time.time() <= cached[1]["exp"] + self.leeway
+        if fresh and cached[0] is key:
+            return cached[1]
         # algorithms is pinned, never taken from the token header (RFC 8725 §2.1).
-        return jwt.decode(
+        claims = jwt.decode(
             token, key, algorithms=["RS256"], leeway=self.leeway,
             issuer=self.issuer, audience=self.audience,
             options={"require": REQUIRED_CLAIMS, "enforce_minimum_key_length": True,
                      # upstream rejected any token with aud; we ignore aud unless configured
                      "verify_aud": self.audience is not None},
         )
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[(token, id(key))] = (key, claims)
+        return claims
 
 
 def _text(claims: dict[str, Any], name: str) -> str:

@@ -489,3 +489,18 @@ async def test_expect_continue_readonly_403_and_good_token_continues(client):
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_cached_verification_still_expires(tmp_path):
+    authn = auth.Authenticator(config(tmp_path, jwt_leeway_seconds=0))
+    exp = int(time.time()) + 1
+    token = sign(claims(exp=exp, iat=exp - 60, nbf=exp - 60))
+    try:
+        assert (await authn.verify(token)).sub == "u-1"
+        assert (await authn.verify(token)).sub == "u-1"  # served from the cache
+        assert len(authn._verified) == 1
+        await asyncio.sleep(exp + 1.1 - time.time())
+        with pytest.raises(errors.Unauthorized):
+            await authn.verify(token)
+    finally:
+        await authn.close()
