@@ -141,11 +141,16 @@ def render(exc: StorageError) -> web.Response:
 
 
 _DB_DOWN = (
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
+    # 08xxx: connection lost or refused (ConnectionDoesNotExistError among them)
+    asyncpg.exceptions.PostgresConnectionError,
+    # 57xxx: shutdown (57P01), crash of another backend (57P02), starting up or in
+    # recovery (57P03), statement timeout or cancel (57014)
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InterfaceError,
+    # asyncpg's "cannot switch to state N; another operation is in progress", raised
+    # when the pool resets a connection the server has just shut down (issue 11)
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
 )
