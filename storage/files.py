@@ -65,6 +65,7 @@ async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description:
     await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_update",
                           file_id=file_id, data=data, user_id=who.sub, started_at=now)
     await faults.point(el, "update.after_intent")
+    attr_written = False
     try:
         async with el.db.pool.acquire() as conn, conn.transaction():
             meta = await repo.lock_file(conn, el.db.q, file_id)
@@ -79,6 +80,7 @@ async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description:
                 meta.metadata_json = metadata
             meta.updated_at = now
             await el.backend.write_attr(meta.relative_path, attr_document(meta, extra))
+            attr_written = True
             await faults.point(el, "update.after_attr")
             row = await repo.update_file(
                 conn, el.db.q, file_id, description=description, version=version,
@@ -89,12 +91,24 @@ async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description:
             await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
         await faults.point(el, "update.after_commit")
     except BaseException as exc:
-        await _rollback(el, txid, exc)
+        await _rollback(el, txid, exc, storage_changed=attr_written)
         raise
     return row
 
 
-async def _rollback(el: Element, txid: uuid.UUID, exc: BaseException) -> None:
+async def _rollback(el: Element, txid: uuid.UUID, exc: BaseException, *,
+                    storage_changed: bool) -> None:
+    """Mark the WAL row rolled back, unless storage was already changed.
+
+    Once the attr file is rewritten or the files are unlinked, the operation can only
+    go forward: the row stays ``pending`` so recovery (startup, or the periodic pass)
+    finishes it from the storage state.  Recording it as rolled back would leave the
+    row for ever without its files, or out of step with its attr file (issue 11).
+    """
+    if storage_changed:
+        log.warning("WAL %s left pending for recovery: storage already changed when the "
+                    "database step failed (%r)", txid, exc)
+        return
     reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
     try:
         await asyncio.shield(repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow()))
@@ -130,12 +144,14 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | N
     await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_delete", file_id=file_id,
                           data=data, user_id=who.sub, started_at=now)
     await faults.point(el, "delete.after_intent")
+    files_removed = False
     try:
         async with el.db.pool.acquire() as conn, conn.transaction():
             meta = await repo.lock_file(conn, el.db.q, file_id)
             if meta is None:  # deleted by someone else meanwhile
                 await repo.rollback_wal(conn, el.db.q, txid, "already deleted", utcnow())
                 return None
+            files_removed = True  # from here on (even if it fails half-way) only forward
             existed = await el.backend.delete(meta.relative_path)
             await faults.point(el, "delete.after_files")
             if not existed:
@@ -144,7 +160,7 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | N
             await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
         await faults.point(el, "delete.after_commit")
     except BaseException as exc:
-        await _rollback(el, txid, exc)
+        await _rollback(el, txid, exc, storage_changed=files_removed)
         raise
     return meta
 
