@@ -62,9 +62,25 @@ def makedirs_durable(path: Path, root: Path) -> None:
         fsync_dir(directory.parent)
 
 
+def is_real(path: Path) -> bool:
+    """True if no component of ``path`` (under the resolved root) is a symlink.
+
+    A symlink planted in the tree could lead outside the root, or to another stored
+    object whose bytes would then be served under this one's name (guide S29).
+    """
+    return os.path.realpath(path) == str(path)
+
+
+def _refuse_symlinked_dir(directory: Path, root: Path) -> None:
+    if not is_real(directory):
+        raise StoreUnavailable(f"Refusing to write through a symlink in the storage tree "
+                               f"at {directory.relative_to(root)}")
+
+
 def write_atomic(path: Path, data: bytes, root: Path) -> None:
     """Create missing directories durably, then replace ``path`` atomically (sync)."""
     makedirs_durable(path.parent, root)
+    _refuse_symlinked_dir(path.parent, root)
     attrs.write_atomic(path, data)
 
 
@@ -84,6 +100,7 @@ class LocalWriter(Writer):
 
     def _open(self) -> None:
         makedirs_durable(self._final.parent, self._root)
+        _refuse_symlinked_dir(self._final.parent, self._root)
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _write(self, chunk: bytes) -> None:
@@ -170,8 +187,8 @@ class LocalBackend(Backend):
         return self.root.joinpath(*parts)
 
     def _inside(self, path: Path) -> bool:
-        """True if ``path`` really lies under the root once symlinks are resolved."""
-        return Path(os.path.realpath(path)).is_relative_to(self.root)
+        """True if ``path`` is really there: no symlink on the way (see :func:`is_real`)."""
+        return is_real(path)
 
     async def start(self) -> None:
         try:
@@ -202,8 +219,14 @@ class LocalBackend(Backend):
 
     async def read_attr(self, relpath: str) -> bytes:
         path = self.path(relpath + ATTR_SUFFIX)
+
+        def _read() -> bytes:
+            if not self._inside(path):  # a symlink planted in the tree
+                raise FileNotFoundError(path)
+            return path.read_bytes()
+
         try:
-            return await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(_read)
         except FileNotFoundError:
             raise ObjectMissing(f"Attribute file for {relpath} is missing") from None
         except OSError as exc:
@@ -220,6 +243,7 @@ class LocalBackend(Backend):
         data, attr = self.path(relpath), self.path(relpath + ATTR_SUFFIX)
 
         def _delete() -> bool:
+            _refuse_symlinked_dir(data.parent, self.root)
             existed = True
             try:
                 data.unlink()
