@@ -22,6 +22,7 @@ from .search import search_files
 
 MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
+MIN_PROGRESS = 64 * 1024  # bytes an upload must deliver per UPLOAD_READ_TIMEOUT window
 MAX_LIST = 100
 UPLOAD_MODES = ("edit", "rw")
 
@@ -70,35 +71,68 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
     return await _default_expect_handler(request)
 
 
-async def _read_chunks(read, size: int, timeout: float) -> AsyncIterator[bytes]:
-    while True:
+class Pace:
+    """The read deadline of one request body (issue 11).
+
+    At least :data:`MIN_PROGRESS` bytes, or the end of the body, must arrive in every
+    window of ``timeout`` seconds, else 408.  A per-read idle timeout alone never fires
+    on a body trickled a byte at a time (slowloris on the body), which would hold its
+    capacity reservation and temp file for as long as the client likes.  Only time
+    spent waiting for the client counts: the window pauses while the server writes.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + timeout
+        self.window = 0
+        self.returned_at: float | None = None
+
+    async def wait(self, awaitable):
+        """Await one body read under the window's deadline."""
+        now = self.loop.time()
+        if self.returned_at is not None:
+            self.deadline += now - self.returned_at
         try:
-            async with asyncio.timeout(timeout):
-                chunk = await read(size)
+            async with asyncio.timeout_at(self.deadline):
+                return await awaitable
         except TimeoutError:
-            raise RequestTimeout(f"No upload data received for {timeout:g} seconds") from None
-        if not chunk:
-            return
-        yield chunk
+            raise RequestTimeout(
+                f"The upload is too slow: less than {MIN_PROGRESS // 1024} KiB received in "
+                f"{self.timeout:g} seconds", headers={"Connection": "close"}) from None
+        finally:
+            self.returned_at = self.loop.time()
+
+    def count(self, n: int) -> None:
+        self.window += n
+        if self.window >= MIN_PROGRESS:
+            self.window = 0
+            self.deadline = self.loop.time() + self.timeout
+
+    async def read(self, read, n: int) -> bytes:
+        chunk = await self.wait(read(n))
+        self.count(len(chunk))
+        return chunk
 
 
 async def _body_chunks(request: web.Request, size: int, timeout: float) -> AsyncIterator[bytes]:
-    """The raw body in pieces of about ``size`` bytes (fewer executor hops than readany)."""
-    content = request.content
+    """The raw body in pieces of ``size`` bytes (fewer executor hops than readany)."""
+    content, pace = request.content, Pace(timeout)
+    while True:
+        buf = bytearray()
+        while len(buf) < size:
+            piece = await pace.read(content.read, size - len(buf))
+            if not piece:
+                break
+            buf += piece
+        if not buf:
+            return
+        yield bytes(buf)
 
-    async def read(n: int) -> bytes:
-        try:
-            return await content.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            return exc.partial
 
-    async for chunk in _read_chunks(read, size, timeout):
-        yield chunk
-
-
-async def _field_text(part: BodyPartReader) -> str:
+async def _field_text(part: BodyPartReader, pace: Pace) -> str:
     data = bytearray()
-    while chunk := await part.read_chunk(16384):
+    while chunk := await pace.read(part.read_chunk, 16384):
         data += chunk
         if len(data) > MAX_FIELD_BYTES:
             raise BadRequest(f"form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
@@ -138,10 +172,11 @@ class MultipartUpload:
         self.reader = reader
         self.el = el
         self.count = 0
+        self.pace = Pace(el.config.upload_read_timeout)
 
     async def next_part(self) -> BodyPartReader | None:
         try:
-            part = await self.reader.next()
+            part = await self.pace.wait(self.reader.next())
         except (HttpProcessingError, ValueError, AssertionError) as exc:
             raise BadRequest(f"malformed multipart body: {_reason(exc)}") from None
         if part is None:
@@ -157,21 +192,22 @@ class MultipartUpload:
         while (part := await self.next_part()) is not None:
             if part.name == "file":
                 return part
-            _apply_field(spec, part.name or "", await _field_text(part), after_file=False)
+            _apply_field(spec, part.name or "", await _field_text(part, self.pace),
+                         after_file=False)
         raise validate.invalid("file", "Field required", where="body")
 
     async def file_then_rest(self, part: BodyPartReader, spec: UploadSpec) -> AsyncIterator[bytes]:
-        config = self.el.config
+        size = self.el.config.upload_chunk_size
         try:
-            async for chunk in _read_chunks(part.read_chunk, config.upload_chunk_size,
-                                            config.upload_read_timeout):
+            while chunk := await self.pace.read(part.read_chunk, size):
                 yield chunk
         except (HttpProcessingError, ValueError, AssertionError) as exc:
             raise BadRequest(f"malformed multipart body: {_reason(exc)}") from None
         while (part := await self.next_part()) is not None:
             if part.name == "file":
                 raise BadRequest("more than one file part in the upload")
-            _apply_field(spec, part.name or "", await _field_text(part), after_file=True)
+            _apply_field(spec, part.name or "", await _field_text(part, self.pace),
+                         after_file=True)
 
 
 @gate(Access.WRITE)
