@@ -131,6 +131,9 @@ class Config:
     server_port: int = env("SERVER_PORT", _int(1, 65535), 8000)
     server_workers: int = env("SERVER_WORKERS", _int(1, 64), 1)
     shutdown_timeout: float = env("SHUTDOWN_TIMEOUT", _float(0, 3600), 30.0)
+    # closes a connection idle (or still sending its request headers) this long: the
+    # only guard aiohttp has against slowloris headers and piles of idle connections
+    keepalive_timeout: float = env("SERVER_KEEPALIVE_TIMEOUT", _float(0.5, 3600), 75.0)
     data_dir: Path = env("DATA_DIR", _path, Path("./data"))
     # database
     database_url: str | None = env("DATABASE_URL", _opt_str, None)

@@ -26,6 +26,9 @@ from .config import Config
 
 log = logging.getLogger("storage")
 CANCEL_GRACE = 2.0  # for cancelled handlers to clean up after the drain timed out
+# aiohttp's default listen backlog is 128: a burst of connections beyond it is dropped
+# and retried by the clients' TCP after 1 s, 3 s, ... (the kernel caps it at somaxconn)
+LISTEN_BACKLOG = 2048
 
 
 async def drain(app: web.Application, timeout: float) -> int:
@@ -53,7 +56,7 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.server_host, config.server_port,
-                           reuse_port=reuse_port or None)
+                           reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG)
         await site.start()
         log.info("serving on http://%s:%d", config.server_host, config.server_port)
         await stop.wait()
