@@ -6,7 +6,7 @@ from aiohttp import web
 
 from . import metrics, openapi
 from .appkeys import config_key
-from .views import cache, download, files, health, ops
+from .views import cache, download, files, health, ops, search
 
 
 def setup_routes(app: web.Application) -> None:
@@ -20,6 +20,7 @@ def setup_routes(app: web.Application) -> None:
                  expect_handler=files.upload_expect),
         web.get("/api/v1/files", files.list_files, name="list"),
         web.get("/api/v1/files/", files.list_files, name="list_slash"),
+        web.get("/api/v1/files/search", search.search_files, name="search"),
         web.put("/api/v1/files/{file_id}", files.put_raw, name="put_raw",
                 expect_handler=files.upload_expect),
         web.get("/api/v1/files/{file_id}", files.get_metadata, name="metadata"),

@@ -1,0 +1,127 @@
+-- Search and listing building blocks (issue 7), composed by storage/search.py.
+--
+-- These are FRAGMENTS, not statements: each block starts with "-- fragment: <name>"
+-- (not "-- name:"), so storage/sql.py's statement loader, and the test that prepares
+-- every statement, never see them.  Do not add "-- name:" blocks to this file.
+--
+-- Trust boundary: this file is the whole vocabulary of search SQL.  storage/search.py
+-- only picks fragments by fixed names and joins them with " AND " / " OR "; request
+-- text is never spliced in.  Inside a fragment:
+--   <prefix>   the validated table prefix (rendered by storage.sql.render)
+--   {tsquery}  the text of the "tsquery" fragment, included when the file is loaded
+--   {select} {where} {order}  filled with other fragments by storage/search.py
+--   :name      a value, bound as $n; the same name and value share one $n
+--              (so ORDER BY ts_rank(...) is the select-list expression, computed once)
+-- The query text reaching :q is already normalised the way the stored document is
+-- (migrations/0002.search.py): "-_./\" between words become spaces.
+
+-- fragment: tsquery
+(websearch_to_tsquery('simple'::regconfig, :q) || websearch_to_tsquery('english'::regconfig, :q))
+
+-- fragment: select
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, created_by_id, created_by_username, created_by_fullname, description,
+       version, storage_path, checksum, metadata_json, cache_updated_at, cache_ttl_hours,
+       NULL::real AS search_rank
+FROM <prefix>_files
+
+-- fragment: select_ranked
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, created_by_id, created_by_username, created_by_fullname, description,
+       version, storage_path, checksum, metadata_json, cache_updated_at, cache_ttl_hours,
+       ts_rank(search_vector, {tsquery}) AS search_rank
+FROM <prefix>_files
+
+-- statements: {select} {where} {order} are filled with the fragments below --------
+
+-- fragment: page
+{select} WHERE {where} ORDER BY {order} LIMIT :limit
+
+-- fragment: count
+-- reads at most :cap matching rows
+SELECT count(*) FROM (SELECT 1 FROM <prefix>_files WHERE {where} LIMIT :cap) AS capped
+
+-- fragment: estimate
+EXPLAIN (FORMAT JSON) SELECT 1 FROM <prefix>_files WHERE {where}
+
+-- fragment: custom_plans
+-- Every search statement is planned for its actual values: a cached generic plan
+-- cannot know whether a word matches ten rows or half the table.
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true)
+
+-- filters (joined with AND; the alternatives of one metadata filter with OR) --------
+
+-- fragment: all_rows
+true
+
+-- fragment: where_q
+search_vector @@ {tsquery}
+
+-- fragment: where_content_type
+(content_type COLLATE "C") = :content_type
+
+-- fragment: where_content_type_prefix
+-- image/* is the range ['image/', 'image0'): '0' follows '/' in "C" byte order
+(content_type COLLATE "C") >= :ctype_lo AND (content_type COLLATE "C") < :ctype_hi
+
+-- fragment: where_created_by
+created_by_username = :created_by
+
+-- fragment: where_min_size
+file_size >= :min_size::bigint
+
+-- fragment: where_max_size
+file_size <= :max_size::bigint
+
+-- fragment: where_created_after
+created_at >= :created_after::timestamptz
+
+-- fragment: where_created_before
+created_at < :created_before::timestamptz
+
+-- fragment: where_metadata
+metadata_json @> :metadata::jsonb
+
+-- sorts: ORDER BY and the keyset "after this row" condition, file_id breaking ties --
+
+-- fragment: order_created_at_desc
+created_at DESC, file_id DESC
+
+-- fragment: after_created_at_desc
+(created_at, file_id) < (:after_key::timestamptz, :after_id::uuid)
+
+-- fragment: order_created_at_asc
+created_at, file_id
+
+-- fragment: after_created_at_asc
+(created_at, file_id) > (:after_key::timestamptz, :after_id::uuid)
+
+-- fragment: order_file_size_desc
+file_size DESC, file_id DESC
+
+-- fragment: after_file_size_desc
+(file_size, file_id) < (:after_key::bigint, :after_id::uuid)
+
+-- fragment: order_file_size_asc
+file_size, file_id
+
+-- fragment: after_file_size_asc
+(file_size, file_id) > (:after_key::bigint, :after_id::uuid)
+
+-- fragment: order_original_filename_desc
+original_filename DESC, file_id DESC
+
+-- fragment: after_original_filename_desc
+(original_filename, file_id) < (:after_key::varchar, :after_id::uuid)
+
+-- fragment: order_original_filename_asc
+original_filename, file_id
+
+-- fragment: after_original_filename_asc
+(original_filename, file_id) > (:after_key::varchar, :after_id::uuid)
+
+-- fragment: order_rank
+ts_rank(search_vector, {tsquery}) DESC, file_id DESC
+
+-- fragment: after_rank
+(ts_rank(search_vector, {tsquery}), file_id) < (:after_key::real, :after_id::uuid)

@@ -1,0 +1,507 @@
+"""Search and listing: request validation, keyset cursors and SQL composition (issue 7).
+
+Trust boundary ("safeholders vs placeholders", after Kinto's PostgreSQL storage):
+
+- *Safeholders* are the SQL fragments of ``sql/search.sql``, loaded once, rendered for
+  the validated table prefix and picked here by FIXED names only: one per filter, an
+  ORDER BY and a keyset condition per whitelisted sort key (:data:`SORTS`).  The only
+  string work done per request is joining trusted fragments with `` AND `` / `` OR ``.
+- *Placeholders* are the values: every piece of request text (the query, a content
+  type, a metadata key or value, a date, a cursor's contents) is bound as ``$n``.
+  No request text ever becomes SQL text, so no input can change a statement's shape
+  beyond choosing among the fragments.
+
+A cursor is base64url JSON ``{"s": sort, "k": last sort key, "i": last file_id}``.  It
+is validated strictly (structure, types, ranges) and its values are bound like any
+other input, so a tampered cursor can only move the page, never inject; a malformed
+one is a 400.  Rows are ordered by the sort key and then ``file_id`` in the same
+direction, so the condition "after (key, id)" resumes exactly after the last row
+sent: no row that existed when paging began is skipped or repeated while others
+upload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from . import repo_search, validate
+from .db import Db
+from .errors import BadRequest
+from .models import FileMeta
+from .sql import SQL_DIR, render
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+MAX_Q = 1000
+MAX_Q_TOKENS = 64
+MAX_METADATA_FILTERS = 16
+MAX_CURSOR = 1024
+# Above this many matches ``total`` is the planner's estimate (``total_is_estimate``);
+# at or below it an exact count, which reads at most this many rows.
+EXACT_TOTAL_LIMIT = 10_000
+
+SEARCH_PARAMS = frozenset({
+    "q", "content_type", "created_by", "min_size", "max_size", "created_after",
+    "created_before", "sort", "cursor",
+})
+METADATA_PREFIX = "metadata."
+
+
+# --- sorts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sort:
+    """A whitelisted sort: which column feeds the cursor and its fragment names."""
+
+    name: str
+    column: str  # a search_page column (FileMeta field or search_rank)
+    order: str  # fragment names
+    after: str
+    needs_q: bool = False
+
+
+def _sort(name: str, column: str, direction: str) -> Sort:
+    return Sort(name, column, f"order_{column}_{direction}", f"after_{column}_{direction}")
+
+
+SORTS: Mapping[str, Sort] = MappingProxyType({
+    "-created_at": _sort("-created_at", "created_at", "desc"),
+    "created_at": _sort("created_at", "created_at", "asc"),
+    "-file_size": _sort("-file_size", "file_size", "desc"),
+    "file_size": _sort("file_size", "file_size", "asc"),
+    "-original_filename": _sort("-original_filename", "original_filename", "desc"),
+    "original_filename": _sort("original_filename", "original_filename", "asc"),
+    "rank": Sort("rank", "search_rank", "order_rank", "after_rank", needs_q=True),
+})
+
+
+# --- validated request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    sort: str
+    key: Any
+    file_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParams:
+    """A validated search request; build with :func:`parse_params`."""
+
+    q: str | None = None
+    content_type: str | None = None  # exact media type, or "image/" for image/*
+    content_type_prefix: bool = False
+    created_by: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    sort: Sort = field(default_factory=lambda: SORTS["-created_at"])
+    limit: int = DEFAULT_LIMIT
+    cursor: Cursor | None = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any condition narrows the set (the total is then not the file counter)."""
+        return any((self.q, self.content_type, self.created_by, self.metadata,
+                    self.min_size is not None, self.max_size is not None,
+                    self.created_after, self.created_before))
+
+
+def is_search(query: Mapping[str, str]) -> bool:
+    """Whether a list request carries any search parameter (else it is the legacy list)."""
+    return any(k in SEARCH_PARAMS or k.startswith(METADATA_PREFIX) for k in query)
+
+
+def _one(query, name: str) -> str | None:
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name} may be given only once")
+    return values[0] if values else None
+
+
+def parse_params(query) -> SearchParams:
+    """Validate a request's query string (a MultiDict); unknown names are ignored.
+
+    :raises BadRequest: with a detail naming the offending parameter.
+    """
+    q = _q(_one(query, "q"))
+    sort_name = _one(query, "sort") or ("rank" if q else "-created_at")
+    sort = SORTS.get(sort_name)
+    if sort is None:
+        raise BadRequest(f"sort must be one of {', '.join(SORTS)}; got {sort_name[:50]!r}")
+    if sort.needs_q and not q:
+        raise BadRequest("sort=rank needs a q to rank by")
+    ctype, is_prefix = _content_type(_one(query, "content_type"))
+    min_size = _size(_one(query, "min_size"), "min_size")
+    max_size = _size(_one(query, "max_size"), "max_size")
+    if min_size is not None and max_size is not None and min_size > max_size:
+        raise BadRequest(f"min_size ({min_size}) is larger than max_size ({max_size})")
+    after = _instant(_one(query, "created_after"), "created_after")
+    before = _instant(_one(query, "created_before"), "created_before")
+    if after is not None and before is not None and after >= before:
+        raise BadRequest("created_after must be earlier than created_before")
+    raw_limit = _one(query, "limit")
+    limit = validate.int_param(raw_limit, "limit", DEFAULT_LIMIT, lo=1, hi=MAX_LIMIT)
+    created_by = validate.text(_one(query, "created_by"), "created_by", max_len=255)
+    raw_cursor = _one(query, "cursor")
+    return SearchParams(
+        q=q, content_type=ctype, content_type_prefix=is_prefix,
+        created_by=created_by or None, min_size=min_size, max_size=max_size,
+        created_after=after, created_before=before, metadata=_metadata(query), sort=sort,
+        limit=limit, cursor=decode_cursor(raw_cursor, sort) if raw_cursor else None,
+    )
+
+
+_WORD = re.compile(r"\w+")
+_OPERATOR = re.compile(r'"|(?<!\S)-')
+_JOINERS = re.compile(r"[_./\\]|(?<=\S)-")
+
+
+def _q(raw: str | None) -> str | None:
+    """The query text, normalised like the stored document; None when blank."""
+    if raw is None or not raw.strip():
+        return None
+    if len(raw) > MAX_Q:
+        raise BadRequest(f"q is too long: {len(raw)} characters, limit {MAX_Q}")
+    validate.text(raw, "q", max_len=MAX_Q)
+    if not _WORD.search(raw):
+        raise BadRequest("q has no words to search for, only operators or punctuation")
+    tokens = len(_WORD.findall(raw)) + len(_OPERATOR.findall(raw))
+    if tokens > MAX_Q_TOKENS:
+        raise BadRequest(f"q has {tokens} words and operators, limit {MAX_Q_TOKENS}")
+    # The document turns "-_./\" into spaces before parsing (migrations/0002.search.py);
+    # do the same here, keeping a "-" that starts a word: websearch's NOT.
+    return _JOINERS.sub(" ", raw)
+
+
+_MEDIA = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,127}/(?:\*|[A-Za-z0-9!#$&^_.+-]{1,127})")
+
+
+def _content_type(raw: str | None) -> tuple[str | None, bool]:
+    if raw is None or raw == "":
+        return None, False
+    value = raw.strip()
+    if len(value) > 255 or not _MEDIA.fullmatch(value):
+        raise BadRequest(f"content_type must be a media type like image/png or image/*; "
+                         f"got {raw[:80]!r}")
+    if value.endswith("/*"):
+        return value[:-1], True
+    return value, False
+
+
+def _size(raw: str | None, name: str) -> int | None:
+    if raw is None or raw == "":
+        return None
+    return validate.int_param(raw, name, 0, lo=0, hi=2**63 - 1)
+
+
+_LOST_PLUS = re.compile(r" (\d{2}(?::?\d{2})?)$")
+
+
+def _instant(raw: str | None, name: str) -> datetime | None:
+    """An ISO 8601 date-time with a UTC offset (``Z`` or ``+03:00``)."""
+    if raw is None or raw == "":
+        return None
+    # An unencoded "+03:00" arrives as " 03:00" (form decoding turns + into a space).
+    text = _LOST_PLUS.sub(r"+\1", raw.strip()) if "T" in raw or ":" in raw else raw.strip()
+    try:
+        if len(text) > 64:
+            raise ValueError
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 date-time such as "
+                         f"2025-01-31T12:00:00Z; got {raw[:64]!r}") from None
+    if value.tzinfo is None:
+        raise BadRequest(f"{name} needs a UTC offset (Z or +03:00), e.g. "
+                         f"2025-01-31T12:00:00Z; got {raw[:64]!r}")
+    return value
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d{0,15})(?:\.\d{1,15})?")
+
+
+def _metadata(query) -> tuple[tuple[str, str], ...]:
+    found = []
+    for name, value in query.items():
+        if not name.startswith(METADATA_PREFIX):
+            continue
+        key = name[len(METADATA_PREFIX):]
+        if not key:
+            raise BadRequest("metadata filters look like metadata.<key>=<value>; the key is empty")
+        validate.text(key, f"metadata key {key[:50]!r}", max_len=256)
+        validate.text(value, f"metadata.{key[:50]}", max_len=4096)
+        found.append((key, value))
+    if len(found) > MAX_METADATA_FILTERS:
+        raise BadRequest(f"at most {MAX_METADATA_FILTERS} metadata filters, got {len(found)}")
+    return tuple(found)
+
+
+def metadata_candidates(key: str, value: str) -> list[dict[str, Any]]:
+    """JSON documents whose containment means "metadata[key] equals value".
+
+    The value arrives as text; it also matches the same number or boolean, and an
+    array holding it (``metadata.tag=x`` finds ``{"tag": ["x", "y"]}``).
+    """
+    typed: list[Any] = [value]
+    if _NUMBER.fullmatch(value):
+        number = float(value) if "." in value else int(value)
+        typed.append(number)
+    elif value in ("true", "false"):
+        typed.append(value == "true")
+    return [{key: v} for v in typed] + [{key: [v]} for v in typed]
+
+
+# --- cursors -------------------------------------------------------------------------------
+
+
+def encode_cursor(sort: Sort, key: Any, file_id: uuid.UUID) -> str:
+    if isinstance(key, datetime):
+        key = key.isoformat()
+    raw = json.dumps({"s": sort.name, "k": key, "i": str(file_id)}, separators=(",", ":"),
+                     ensure_ascii=False, allow_nan=False)
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def _bad_cursor(why: str) -> BadRequest:
+    return BadRequest(f"cursor is not valid ({why}); use the next_cursor of a previous "
+                      "response with the same sort")
+
+
+def decode_cursor(raw: str, sort: Sort) -> Cursor:
+    """Parse and strictly check a cursor for ``sort``.
+
+    :raises BadRequest: on anything but a cursor this service could have produced.
+    """
+    if len(raw) > MAX_CURSOR:
+        raise _bad_cursor("too long")
+    try:
+        data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise _bad_cursor("not base64url JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"s", "k", "i"}:
+        raise _bad_cursor("unexpected structure")
+    if doc["s"] != sort.name:
+        raise _bad_cursor(f"it continues sort={str(doc['s'])[:30]}, not sort={sort.name}")
+    try:
+        file_id = uuid.UUID(doc["i"]) if isinstance(doc["i"], str) else None
+    except ValueError:
+        file_id = None
+    if file_id is None:
+        raise _bad_cursor("bad file id")
+    return Cursor(sort.name, _cursor_key(sort, doc["k"]), file_id)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _cursor_key(sort: Sort, key: Any) -> Any:
+    column = sort.column
+    if column == "created_at" and isinstance(key, str) and len(key) <= 40:
+        try:
+            value = datetime.fromisoformat(key)
+        except ValueError:
+            value = None
+        if value is not None and value.tzinfo is not None:
+            return value
+    elif column == "file_size" and type(key) is int and 0 <= key < 2**63:
+        return key
+    elif column == "original_filename" and isinstance(key, str) and len(key) <= 500:
+        return validate.text(key, "cursor", max_len=500)
+    elif column == "search_rank" and type(key) in (int, float) and math.isfinite(key):
+        return float(key)
+    raise _bad_cursor(f"bad {column} value")
+
+
+# --- SQL composition -----------------------------------------------------------------------
+
+_FRAGMENT = re.compile(r"^-- fragment: ([a-z_]+)[ \t]*$", re.MULTILINE)
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+@functools.cache
+def _fragment_templates() -> Mapping[str, str]:
+    text = (SQL_DIR / "search.sql").read_text(encoding="utf-8")
+    parts = _FRAGMENT.split(text)
+    found: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [ln for ln in body.splitlines() if ln.strip() and not ln.lstrip().startswith("--")]
+        if name in found or not lines:
+            raise ValueError(f"search.sql: fragment {name!r} is empty or defined twice")
+        found[name] = " ".join(ln.strip() for ln in lines)
+    tsquery = found["tsquery"]
+    return MappingProxyType({n: t.replace("{tsquery}", tsquery) for n, t in found.items()})
+
+
+@functools.cache
+def fragments(prefix: str) -> Mapping[str, str]:
+    """Every fragment rendered for ``prefix`` (validated by :func:`storage.sql.render`)."""
+    return MappingProxyType({n: render(t, prefix) for n, t in _fragment_templates().items()})
+
+
+class Statement:
+    """Trusted fragments joined into one statement, with their values as ``$n`` arguments."""
+
+    def __init__(self, prefix: str) -> None:
+        self.frags = fragments(prefix)
+        self.args: list[Any] = []
+        self._slots: dict[tuple[str, str], int] = {}
+
+    def use(self, name: str, **values: Any) -> str:
+        """Fragment ``name`` with its ``:params`` bound to ``values`` (same value, same $n)."""
+        def slot(match: re.Match[str]) -> str:
+            param = match.group(1)
+            value = values[param]
+            key = (param, json.dumps(value, sort_keys=True, default=str))
+            if key not in self._slots:
+                self.args.append(value)
+                self._slots[key] = len(self.args)
+            return f"${self._slots[key]}"
+
+        return _PARAM.sub(slot, self.frags[name])
+
+
+def _conditions(st: Statement, p: SearchParams) -> list[str]:
+    where = []
+    if p.q:
+        where.append(st.use("where_q", q=p.q))
+    if p.content_type and p.content_type_prefix:
+        hi = p.content_type[:-1] + chr(ord(p.content_type[-1]) + 1)
+        where.append(st.use("where_content_type_prefix", ctype_lo=p.content_type, ctype_hi=hi))
+    elif p.content_type:
+        where.append(st.use("where_content_type", content_type=p.content_type))
+    if p.created_by:
+        where.append(st.use("where_created_by", created_by=p.created_by))
+    if p.min_size is not None:
+        where.append(st.use("where_min_size", min_size=p.min_size))
+    if p.max_size is not None:
+        where.append(st.use("where_max_size", max_size=p.max_size))
+    if p.created_after:
+        where.append(st.use("where_created_after", created_after=p.created_after))
+    if p.created_before:
+        where.append(st.use("where_created_before", created_before=p.created_before))
+    for key, value in p.metadata:
+        alternatives = [st.use("where_metadata", metadata=doc)
+                        for doc in metadata_candidates(key, value)]
+        where.append("(" + " OR ".join(alternatives) + ")")
+    return where
+
+
+def _fill(skeleton: str, **parts: str) -> str:
+    for name, text in parts.items():
+        skeleton = skeleton.replace("{" + name + "}", text)
+    return skeleton
+
+
+def _where(st: Statement, conditions: list[str]) -> str:
+    return " AND ".join(conditions) if conditions else st.use("all_rows")
+
+
+def page_statement(prefix: str, p: SearchParams) -> tuple[str, list[Any]]:
+    """One page plus one row (to know whether another page follows)."""
+    st = Statement(prefix)
+    select = st.use("select_ranked", q=p.q) if p.q else st.use("select")
+    conditions = _conditions(st, p)
+    sort_values = {"q": p.q} if p.sort.needs_q else {}
+    if p.cursor is not None:
+        conditions.append(st.use(p.sort.after, after_key=p.cursor.key,
+                                 after_id=p.cursor.file_id, **sort_values))
+    order = st.use(p.sort.order, **sort_values)
+    skeleton = st.use("page", limit=p.limit + 1)
+    return _fill(skeleton, select=select, where=_where(st, conditions), order=order), st.args
+
+
+def count_statement(prefix: str, p: SearchParams, cap: int) -> tuple[str, list[Any]]:
+    """``count(*)`` of the matches, reading at most ``cap`` rows."""
+    st = Statement(prefix)
+    where = _where(st, _conditions(st, p))
+    return _fill(st.use("count", cap=cap), where=where), st.args
+
+
+def estimate_statement(prefix: str, p: SearchParams) -> tuple[str, list[Any]]:
+    """The planner's row estimate of the matches (``EXPLAIN``, nothing is read)."""
+    st = Statement(prefix)
+    where = _where(st, _conditions(st, p))
+    return _fill(st.use("estimate"), where=where), st.args
+
+
+def custom_plans_statement(prefix: str) -> str:
+    return fragments(prefix)["custom_plans"]
+
+
+
+
+# --- running a search ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SearchResult:
+    files: list[tuple[FileMeta, float | None]]
+    next_cursor: str | None
+    total: int
+    total_is_estimate: bool
+
+    def to_response(self, with_rank: bool) -> dict[str, Any]:
+        files = []
+        for meta, rank in self.files:
+            item = meta.to_response()
+            if with_rank:
+                item["search_rank"] = rank
+            files.append(item)
+        return {"files": files, "next_cursor": self.next_cursor, "total": self.total,
+                "total_is_estimate": self.total_is_estimate}
+
+
+async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) -> SearchResult:
+    """One page of results, the cursor of the next one, and the total.
+
+    The total is exact when the whole result fits on a first page, when nothing is
+    filtered (the file counter) and up to ``exact_limit`` matches; above, the planner's
+    estimate with ``total_is_estimate``.
+    """
+    prefix = db.q.prefix
+    async with db.pool.acquire() as conn, conn.transaction(readonly=True):
+        await repo_search.use_custom_plans(conn, custom_plans_statement(prefix))
+        rows = await repo_search.search_page(conn, *page_statement(prefix, p))
+        more = len(rows) > p.limit
+        rows = rows[:p.limit]
+        cursor = encode_cursor(p.sort, _sort_key(p.sort, rows[-1]), rows[-1][0].file_id) \
+            if more else None
+        if p.cursor is None and not more:
+            total, estimated = len(rows), False  # the whole result is on this page
+        elif not p.filtered:
+            total, estimated = await repo_search.total_files(conn, db.q), False
+        else:
+            total, estimated = await _total(conn, prefix, p, exact_limit)
+    return SearchResult(rows, cursor, total, estimated)
+
+
+def _sort_key(sort: Sort, row: tuple[FileMeta, float | None]) -> Any:
+    meta, rank = row
+    return rank if sort.column == "search_rank" else getattr(meta, sort.column)
+
+
+async def _total(conn, prefix: str, p: SearchParams, limit: int) -> tuple[int, bool]:
+    estimate = await repo_search.estimate_matches(conn, *estimate_statement(prefix, p))
+    if estimate <= limit:
+        exact = await repo_search.count_matches(conn, *count_statement(prefix, p, limit + 1))
+        if exact <= limit:
+            return exact, False
+        estimate = max(estimate, exact)
+    return estimate, True
