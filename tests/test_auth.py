@@ -28,7 +28,10 @@ from storage.access import Access, gate, identity_key
 from storage.appkeys import auth_key, config_key
 from storage.config import Config
 
-NOW = int(time.time())
+
+def now() -> int:
+    """Read at call time: a slow suite must not age the tokens a test builds."""
+    return int(time.time())
 ALL = tuple(Access)
 seen_key = web.AppKey("seen", list)
 
@@ -49,7 +52,7 @@ def b64(data: bytes) -> str:
 
 def claims(**over: Any) -> dict[str, Any]:
     base = {"sub": "u-1", "type": "service_account", "role": "admin", "name": "svc",
-            "jti": str(uuid.uuid4()), "iat": NOW - 5, "nbf": NOW - 5, "exp": NOW + 600}
+            "jti": str(uuid.uuid4()), "iat": now() - 5, "nbf": now() - 5, "exp": now() + 600}
     base.update(over)
     return {k: v for k, v in base.items() if v is not ...}  # ... removes a claim
 
@@ -202,9 +205,9 @@ async def test_router_errors_are_not_turned_into_401(client):
 
 
 BAD_TOKENS = {
-    "expired": lambda: sign(claims(iat=NOW - 7200, nbf=NOW - 7200, exp=NOW - 3600)),
-    "not-yet-valid": lambda: sign(claims(nbf=NOW + 3600)),
-    "issued-in-future": lambda: sign(claims(iat=NOW + 3600)),
+    "expired": lambda: sign(claims(iat=now() - 7200, nbf=now() - 7200, exp=now() - 3600)),
+    "not-yet-valid": lambda: sign(claims(nbf=now() + 3600)),
+    "issued-in-future": lambda: sign(claims(iat=now() + 3600)),
     **{f"missing-{c}": functools.partial(lambda c: sign(claims(**{c: ...})), c)
        for c in auth.REQUIRED_CLAIMS},
     **{f"empty-{c}": functools.partial(lambda c: sign(claims(**{c: " "})), c)
@@ -265,12 +268,12 @@ async def test_audience_and_issuer(tmp_path):
 
 
 async def test_leeway(tmp_path):
-    late = sign(claims(exp=NOW - 10))
-    early = sign(claims(nbf=NOW + 10, iat=NOW + 10))
+    late = sign(claims(exp=now() - 10))
+    early = sign(claims(nbf=now() + 10, iat=now() + 10))
     assert await verify(config(tmp_path), late) and await verify(config(tmp_path), early)
     strict = config(tmp_path, jwt_leeway_seconds=0)
     assert not await verify(strict, late) and not await verify(strict, early)
-    assert not await verify(config(tmp_path), sign(claims(exp=NOW - 60)))
+    assert not await verify(config(tmp_path), sign(claims(exp=now() - 60)))
 
 
 async def test_pem_rotation_without_restart(client, tmp_path, caplog):
