@@ -134,8 +134,10 @@ class Backend(abc.ABC):
         """Release clients."""
 
     @abc.abstractmethod
-    def create(self, relpath: str, size_hint: int | None = None) -> Writer:
-        """A writer for a new object at ``relpath`` (see :class:`Writer`)."""
+    def create(self, relpath: str, size_hint: int | None = None, *,
+               content_type: str | None = None) -> Writer:
+        """A writer for a new object at ``relpath`` (see :class:`Writer`); ``content_type``
+        is stored with the object where the store keeps one (S3), else ignored."""
 
     @abc.abstractmethod
     async def open(self, relpath: str) -> Reader:

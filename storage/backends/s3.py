@@ -39,6 +39,16 @@ MIN_PART = 5 * 1024 * 1024  # S3's minimum size of every part but the last
 HASH_IN_THREAD = 256 * 1024  # hash chunks at least this big off the event loop
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _SPACE = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage"}
+_SESSION: AioSession | None = None
+
+
+def _session() -> AioSession:
+    """One botocore session per process: it caches the parsed S3 service model, so each
+    further client takes ~10 ms instead of ~150 ms (an app, a test, a CLI command)."""
+    global _SESSION  # noqa: PLW0603 - a process-wide cache, no state of any element
+    if _SESSION is None:
+        _SESSION = AioSession()
+    return _SESSION
 
 
 @contextlib.contextmanager
@@ -212,7 +222,7 @@ class S3Backend(Backend):
         """Create the one client (no network traffic until the first request)."""
         if self._client is None:
             cfg = self._config
-            self._client = await self._stack.enter_async_context(AioSession().create_client(
+            self._client = await self._stack.enter_async_context(_session().create_client(
                 "s3", endpoint_url=cfg.s3_endpoint_url, region_name=cfg.s3_region,
                 aws_access_key_id=cfg.s3_access_key_id,
                 aws_secret_access_key=cfg.s3_secret_access_key, config=self._boto_config))
