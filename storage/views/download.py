@@ -2,13 +2,19 @@
 
 The data object is opened *before* any header is sent, so a missing file is a
 404 JSON, never a truncated 200.  Local files go out with ``sendfile`` where the
-event loop supports it.
+event loop supports it; objects without a local path (S3) are streamed with
+``iter_range``, and their first read starts before the headers too, so an object
+deleted between ``open`` and the GET is still a clean 404.  A failure once the
+headers are out aborts the connection: the client sees a short body, never an
+error document appended to a 200.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncGenerator
 
 from aiohttp import hdrs, web
 
@@ -19,6 +25,7 @@ from ..element import element
 from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable, StorageError
 from ..models import FileMeta
 
+log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 MAX_RANGES = 16
 
@@ -106,17 +113,62 @@ async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
         plan = httputil.multipart_byteranges(ranges, meta.file_size, content_type)
         resp = _response(206, headers, plan.content_type, plan.content_length)
         parts, trailer = plan.parts, plan.trailer
-    await resp.prepare(request)
     if request.method == hdrs.METH_HEAD:
+        await resp.prepare(request)
         return resp
-    for head, start, end in parts:
-        if head:
-            await resp.write(head)
-        await _copy(request, resp, reader, start, end)
-    if trailer:
-        await resp.write(trailer)
-    await resp.write_eof()
+    first = await _prime(meta, reader, parts[0]) if parts else None
+    try:
+        await resp.prepare(request)
+        for i, (head, start, end) in enumerate(parts):
+            if head:
+                await resp.write(head)
+            if i == 0 and first is not None:
+                chunk, stream = first
+                await resp.write(chunk)
+                async for chunk in stream:
+                    await resp.write(chunk)
+            else:
+                await _copy(request, resp, reader, start, end)
+        if trailer:
+            await resp.write(trailer)
+        await resp.write_eof()
+    except Exception as exc:  # noqa: BLE001 - the status line is out: cut the connection
+        _abort(request, meta, exc)
+    finally:
+        if first is not None:
+            await first[1].aclose()
     return resp
+
+
+async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
+                 ) -> tuple[bytes, AsyncGenerator[bytes, None]] | None:
+    """For an object without a local file (S3): the first chunk of the first part and the
+    rest of its stream, read before any header so a vanished object is a clean 404.
+    None for local files (an open file stays readable)."""
+    if reader.info.path is not None:
+        return None
+    _head, start, end = part
+    stream = reader.iter_range(start, end, CHUNK)
+    try:
+        return await anext(stream), stream
+    except ObjectMissing:
+        await stream.aclose()
+        raise NotFound(f"File {meta.file_id} not found: its stored data is missing") from None
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+def _abort(request: web.Request, meta: FileMeta, exc: Exception) -> None:
+    """Close the connection mid-body; a second response would corrupt the stream."""
+    if isinstance(exc, ConnectionError):
+        log.debug("client of %s went away: %r", meta.file_id, exc)
+    else:
+        detail = getattr(exc, "detail", None) or repr(exc)
+        log.warning("download of %s failed after the headers were sent: %s",
+                    meta.file_id, detail)
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _response(status: int, headers: dict[str, str], content_type: str,
