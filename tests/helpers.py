@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+from aiobotocore.session import AioSession
 from aiohttp import FormData
+from botocore.config import Config as BotoConfig
+
+from storage.appkeys import config_key
+from storage.backends import make_backend
+from storage.backends.base import Backend
+from storage.config import Config
+
+_SESSION = AioSession()  # caches the parsed S3 model: a client per helper call is cheap
+# Runs a test on local disk and on S3 (SeaweedFS); see the storage_kind fixture.
+BOTH_BACKENDS = pytest.mark.parametrize("storage_kind", ["local", "s3"], indirect=True)
 
 
 def form(data: bytes, name: str = "a.txt", content_type: str = "text/plain",
@@ -51,3 +66,81 @@ def raw_multipart(filename: str, data: bytes, boundary: str = "b0undary") -> tup
             f'filename="{filename}"\r\nContent-Type: text/plain\r\n\r\n')
     body = head.encode("utf-8", "surrogateescape") + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+# --- the element's store, whichever backend ----------------------------------------------
+
+
+def config_of(client) -> Config:
+    """The Config of the app behind an aiohttp test client."""
+    return client.app[config_key]
+
+
+@contextlib.asynccontextmanager
+async def s3_client(config: Config) -> AsyncIterator[Any]:
+    """A raw aiobotocore client on the element's S3 endpoint (for looking behind its back)."""
+    async with _SESSION.create_client(
+            "s3", endpoint_url=config.s3_endpoint_url, region_name=config.s3_region,
+            aws_access_key_id=config.s3_access_key_id,
+            aws_secret_access_key=config.s3_secret_access_key,
+            config=BotoConfig(s3={"addressing_style": config.s3_addressing_style})) as s3:
+        yield s3
+
+
+def s3_folder(config: Config) -> str:
+    return config.s3_app_folder.strip("/") + "/"
+
+
+async def s3_uploads(config: Config) -> list[str]:
+    """Keys (relative to the app folder) of multipart uploads in progress there."""
+    folder = s3_folder(config)
+    async with s3_client(config) as s3:
+        resp = await s3.list_multipart_uploads(Bucket=config.s3_bucket_name, Prefix=folder)
+    return sorted(u["Key"][len(folder):] for u in resp.get("Uploads", []))
+
+
+async def stored_objects(config: Config) -> list[str]:
+    """Everything the element holds in its store, relative to its root: local files
+    (temp files included) or S3 objects under the app folder plus ``upload:<key>`` for
+    every multipart upload in progress there.  ``[]`` means no residue at all."""
+    if config.storage_type != "s3":
+        root = config.storage_local_base_path
+        return [str(p.relative_to(root)) for p in stored_files(root)]
+    folder, found = s3_folder(config), []
+    async with s3_client(config) as s3:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=config.s3_bucket_name,
+                                                               Prefix=folder)
+        async for page in pages:
+            found += [o["Key"][len(folder):] for o in page.get("Contents", [])]
+    return sorted(found) + [f"upload:{key}" for key in await s3_uploads(config)]
+
+
+@contextlib.asynccontextmanager
+async def backend_of(config: Config) -> AsyncIterator[Backend]:
+    """A second, started backend on the element's store (reads and writes go through
+    the seam, never around it)."""
+    backend = make_backend(config)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+async def drop_data_object(config: Config, relpath: str) -> None:
+    """Remove only the data object of ``relpath`` (its attr document stays)."""
+    if config.storage_type == "s3":
+        async with s3_client(config) as s3:
+            await s3.delete_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + relpath)
+    else:
+        (config.storage_local_base_path / relpath).unlink()
+
+
+async def replace_data_object(config: Config, relpath: str, data: bytes) -> None:
+    """Overwrite the data object of ``relpath`` behind the element's back."""
+    if config.storage_type == "s3":
+        async with s3_client(config) as s3:
+            await s3.put_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + relpath,
+                                Body=data)
+    else:
+        (config.storage_local_base_path / relpath).write_bytes(data)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +30,11 @@ def rss_kib(pid: int) -> int:
 
 
 class ServerProcess:
-    """``python run.py`` with the given environment; ``start()`` waits for /health/ready."""
+    """``python run.py [args]`` with the given environment; ``start()`` waits for
+    /health/ready."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ()) -> None:
+        self.args = list(args)
         self.port = int(env.get("SERVER_PORT") or free_port())
         self.env = {**os.environ, "SERVER_HOST": "127.0.0.1", "LOG_FORMAT": "json",
                     **env, "SERVER_PORT": str(self.port)}
@@ -49,7 +52,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60) -> ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run.py")], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *self.args], cwd=ROOT,
                                      env=self.env, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout

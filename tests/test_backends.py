@@ -1,22 +1,21 @@
 """One contract suite for the backend seam, run against local disk and a real SeaweedFS S3.
 
 No mocks: the S3 half talks to ``weed server -s3`` started once per session
-(tests/s3server.py); each test gets its own app folder in a shared bucket.
+(the ``s3_endpoint`` fixture in conftest.py); each test gets its own app folder in the
+shared bucket.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
 import time
 import tracemalloc
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from botocore.exceptions import ClientError
-from s3server import client, create_bucket, free_ports, start_seaweedfs
+from s3server import client, create_bucket, free_ports
 
 from storage.backends.base import Backend, NoSpace, ObjectMissing, StoreUnavailable
 from storage.backends.local import TEMP_PREFIX, LocalBackend
@@ -24,25 +23,21 @@ from storage.backends.s3 import S3Backend, translating
 from storage.config import Config
 
 MIB = 1024 * 1024
-BUCKET = "contract-tests"
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory):
-    with start_seaweedfs(tmp_path_factory.mktemp("seaweed")) as endpoint:
-        # a thread keeps asyncio.run away from pytest-asyncio's event loop
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, create_bucket(endpoint, BUCKET)).result()
-        yield endpoint
+@pytest.fixture
+def s3_config(s3_endpoint, s3_bucket):
+    """``s3_config(**changes)``: a Config for a fresh app folder in the test bucket."""
 
+    def build(**changes) -> Config:
+        base = Config(storage_type="s3", s3_endpoint_url=s3_endpoint.endpoint_url,
+                      s3_access_key_id=s3_endpoint.access_key,
+                      s3_secret_access_key=s3_endpoint.secret_key, s3_bucket_name=s3_bucket,
+                      s3_app_folder=f"se-{uuid.uuid4().hex[:12]}", s3_region=s3_endpoint.region,
+                      s3_multipart_threshold=5 * MIB)
+        return base.with_(**changes)
 
-def s3_config(endpoint, **changes) -> Config:
-    base = Config(storage_type="s3", s3_endpoint_url=endpoint.endpoint_url,
-                  s3_access_key_id=endpoint.access_key,
-                  s3_secret_access_key=endpoint.secret_key, s3_bucket_name=BUCKET,
-                  s3_app_folder=f"se-{uuid.uuid4().hex[:12]}", s3_region=endpoint.region,
-                  s3_multipart_threshold=5 * MIB)
-    return base.with_(**changes)
+    return build
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -50,7 +45,7 @@ async def backend(request, tmp_path):
     if request.param == "local":
         store: Backend = LocalBackend(Config(storage_local_base_path=tmp_path / "store"))
     else:
-        store = S3Backend(s3_config(request.getfixturevalue("seaweed")))
+        store = S3Backend(request.getfixturevalue("s3_config")())
     await store.start()
     try:
         yield store
@@ -59,8 +54,8 @@ async def backend(request, tmp_path):
 
 
 @pytest.fixture
-async def s3(seaweed):
-    store = S3Backend(s3_config(seaweed))
+async def s3(s3_config):
+    store = S3Backend(s3_config())
     await store.start()
     try:
         yield store
@@ -305,9 +300,9 @@ async def test_s3_upload_lost_by_the_store_fails_cleanly(s3):
     assert not await s3.exists(rel())
 
 
-async def test_s3_check_unreachable_endpoint_is_quick(seaweed):
+async def test_s3_check_unreachable_endpoint_is_quick(s3_config):
     (port,) = free_ports(1)
-    config = s3_config(seaweed, s3_endpoint_url=f"http://127.0.0.1:{port}")
+    config = s3_config(s3_endpoint_url=f"http://127.0.0.1:{port}")
     store = S3Backend(config, connect_timeout=1, read_timeout=2, max_attempts=1)
     await store.start()
     try:
@@ -323,8 +318,8 @@ async def test_s3_check_unreachable_endpoint_is_quick(seaweed):
 
 @pytest.mark.parametrize("changes", [{"s3_bucket_name": "no-such-bucket"},
                                      {"s3_secret_access_key": "wrong-secret"}])
-async def test_s3_check_wrong_bucket_or_credentials(seaweed, changes):
-    store = S3Backend(s3_config(seaweed, **changes), max_attempts=1)
+async def test_s3_check_wrong_bucket_or_credentials(s3_config, changes):
+    store = S3Backend(s3_config(**changes), max_attempts=1)
     await store.start()
     try:
         with pytest.raises(StoreUnavailable, match="S3 error"):
@@ -333,16 +328,16 @@ async def test_s3_check_wrong_bucket_or_credentials(seaweed, changes):
         await store.close()
 
 
-async def test_s3_check_details(s3, seaweed):
+async def test_s3_check_details(s3, s3_endpoint, s3_bucket):
     assert await s3.check() == {
         "s3_bucket": "accessible", "s3_app_folder": "accessible",
-        "s3_endpoint": seaweed.endpoint_url, "s3_bucket_name": BUCKET,
+        "s3_endpoint": s3_endpoint.endpoint_url, "s3_bucket_name": s3_bucket,
         "s3_app_folder_name": s3.folder}
 
 
-async def test_s3_not_started_is_unavailable(seaweed):
+async def test_s3_not_started_is_unavailable(s3_config):
     with pytest.raises(StoreUnavailable, match="not started"):
-        await S3Backend(s3_config(seaweed)).exists(rel())
+        await S3Backend(s3_config()).exists(rel())
 
 
 @pytest.mark.parametrize(("code", "status", "missing", "expected"), [
@@ -359,7 +354,7 @@ def test_s3_error_translation(code, status, missing, expected):
         raise ClientError(response, "PutObject")
 
 
-async def test_s3_helper_client_roundtrip(seaweed):
-    await create_bucket(seaweed, BUCKET)  # idempotent
-    async with client(seaweed) as raw:
-        assert BUCKET in [b["Name"] for b in (await raw.list_buckets())["Buckets"]]
+async def test_s3_helper_client_roundtrip(s3_endpoint, s3_bucket):
+    await create_bucket(s3_endpoint, s3_bucket)  # idempotent
+    async with client(s3_endpoint) as raw:
+        assert s3_bucket in [b["Name"] for b in (await raw.list_buckets())["Buckets"]]

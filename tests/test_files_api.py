@@ -1,12 +1,24 @@
-"""Read, download (Range/ETag), PATCH, DELETE and list against the real app."""
+"""Read, download (Range/ETag), PATCH, DELETE and list against the real app.
+
+Tests marked ``BOTH_BACKENDS`` run on local disk and on S3 (SeaweedFS); every Range
+form on S3 is in test_s3_app.py (on a multipart object, in one app).
+"""
 
 import asyncio
 import json
 import uuid
-from pathlib import Path
 
 import pytest
-from helpers import random_bytes, sha256, stored_files, upload
+from helpers import (
+    BOTH_BACKENDS,
+    backend_of,
+    drop_data_object,
+    random_bytes,
+    replace_data_object,
+    sha256,
+    stored_objects,
+    upload,
+)
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 
@@ -45,6 +57,7 @@ async def test_unknown_id_404_and_malformed_id_422(client, auth):
         assert resp.status == 422, bad
 
 
+@BOTH_BACKENDS
 async def test_full_download_headers(client, auth, stored):
     resp = await client.get(url(stored, "/download"), headers=auth())
     body = await resp.read()
@@ -58,6 +71,7 @@ async def test_full_download_headers(client, auth, stored):
     cd.encode("latin-1")
 
 
+@BOTH_BACKENDS
 async def test_head_download_has_headers_and_no_body(client, auth, stored):
     resp = await client.head(url(stored, "/download"), headers=auth())
     assert resp.status == 200 and resp.headers["Content-Length"] == str(len(DATA))
@@ -116,41 +130,40 @@ async def test_if_none_match_304_and_if_range(client, auth, stored):
     assert resp.status == 412
 
 
+def relpath(meta: dict) -> str:
+    return meta["storage_path"] + meta["storage_filename"]
+
+
+@BOTH_BACKENDS
 async def test_missing_data_file_is_404_before_headers(client, auth, stored, config):
     meta = await (await client.get(url(stored), headers=auth())).json()
-    path = config.storage_local_base_path / meta["storage_path"] / meta["storage_filename"]
-    path.unlink()
+    await drop_data_object(config, relpath(meta))
     resp = await client.get(url(stored, "/download"), headers=auth())
     assert resp.status == 404 and "missing" in (await resp.json())["detail"]
 
 
+@BOTH_BACKENDS
 async def test_truncated_data_file_is_500_json_never_a_short_200(client, auth, stored, config):
     meta = await (await client.get(url(stored), headers=auth())).json()
-    path = config.storage_local_base_path / meta["storage_path"] / meta["storage_filename"]
-    path.write_bytes(DATA[:100])
+    await replace_data_object(config, relpath(meta), DATA[:100])
     resp = await client.get(url(stored, "/download"), headers=auth())
     assert resp.status == 500 and "damaged" in (await resp.json())["detail"]
 
 
-def _attr(config, meta) -> dict:
-    path = Path(config.storage_local_base_path, meta["storage_path"],
-                meta["storage_filename"] + ".attr.json")
-    return json.loads(path.read_text())
-
-
+@BOTH_BACKENDS
 async def test_patch_updates_attr_first_and_keeps_unknown_keys(client, auth, stored, config):
     meta = await (await client.get(url(stored), headers=auth())).json()
-    attr_path = Path(config.storage_local_base_path, meta["storage_path"],
-                     meta["storage_filename"] + ".attr.json")
-    doc = json.loads(attr_path.read_text())
-    doc["x_vendor_note"] = {"keep": True}
-    attr_path.write_text(json.dumps(doc))
+    async with backend_of(config) as backend:
+        doc = json.loads(await backend.read_attr(relpath(meta)))
+        doc["x_vendor_note"] = {"keep": True}
+        await backend.write_attr(relpath(meta), json.dumps(doc).encode())
     resp = await client.patch(url(stored), json={"description": "second", "metadata": {"b": 2}},
                               headers=auth())
     body = await resp.json()
     assert resp.status == 200 and body["description"] == "second" and body["version"] == "1.0"
     assert body["created_at"] == meta["created_at"]
-    doc = _attr(config, meta)
+    async with backend_of(config) as backend:
+        doc = json.loads(await backend.read_attr(relpath(meta)))
     assert doc["description"] == "second" and doc["custom_attributes"] == {"b": 2}
     assert doc["x_vendor_note"] == {"keep": True} and doc["version"] == "1.0"
     assert doc["updated_at"] > doc["created_at"]
@@ -188,12 +201,13 @@ async def test_patch_mode_matrix(app_factory, auth, mode, status):
         assert resp.status == 404  # allowed, and the file does not exist
 
 
+@BOTH_BACKENDS
 async def test_delete_removes_data_attr_and_row(client, auth, stored, config):
-    assert stored_files(config.storage_local_base_path)
+    assert len(await stored_objects(config)) == 2
     resp = await client.delete(url(stored), headers=auth(role="operator"))
     assert resp.status == 204 and await resp.read() == b""
     assert (await client.get(url(stored), headers=auth())).status == 404
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 async def test_delete_order_of_checks_403_400_404(app_factory, auth):
@@ -210,15 +224,17 @@ async def test_delete_order_of_checks_403_400_404(app_factory, auth):
     assert resp.status == 404
 
 
+@BOTH_BACKENDS
 async def test_delete_with_missing_data_file_still_deletes(client, auth, stored, config):
     meta = await (await client.get(url(stored), headers=auth())).json()
-    (config.storage_local_base_path / meta["storage_path"] / meta["storage_filename"]).unlink()
+    await drop_data_object(config, relpath(meta))
     resp = await client.delete(url(stored), headers=auth())
     assert resp.status == 204
     assert (await client.get(url(stored), headers=auth())).status == 404
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
+@BOTH_BACKENDS
 async def test_concurrent_patch_delete_download_never_corrupt(client, auth, config):
     fid = (await upload(client, auth(), random_bytes(200_000)))["file_id"]
 
@@ -239,7 +255,7 @@ async def test_concurrent_patch_delete_download_never_corrupt(client, auth, conf
             assert r in ((200, 200_000), (404, r[1]))
         elif isinstance(r, int):
             assert r in (200, 404)
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 async def test_list_newest_first_paging_and_bad_params(client, auth):

@@ -1,4 +1,8 @@
-"""Uploads: multipart and raw PUT, durability, limits, integrity, hostile names."""
+"""Uploads: multipart and raw PUT, durability, limits, integrity, hostile names.
+
+Tests marked ``BOTH_BACKENDS`` run on local disk and on S3 (SeaweedFS); residue is
+checked with ``stored_objects`` (files, or objects and multipart uploads).
+"""
 
 import asyncio
 import base64
@@ -10,12 +14,15 @@ import uuid
 import asyncpg
 import pytest
 from helpers import (
+    BOTH_BACKENDS,
+    backend_of,
+    config_of,
     form,
     random_bytes,
     raw_multipart,
     sha256,
     stored_files,
-    temp_files,
+    stored_objects,
     upload,
 )
 
@@ -36,14 +43,19 @@ async def test_upload_success_returns_the_contract_keys(client, auth, config):
                         body["storage_filename"])
 
 
-async def test_directory_structure_and_attr_file_on_disk(client, auth, config):
+@BOTH_BACKENDS
+async def test_directory_structure_and_attr_document(client, auth, config):
     body = await upload(client, auth(), b"abc", "x.txt", description="d", version="1.0",
                         metadata=json.dumps({"project": "alpha", "n": 3}))
     meta = await (await client.get(f"/api/v1/files/{body['file_id']}", headers=auth())).json()
     assert re.fullmatch(r"\d{4}/\d{2}/\d{2}/\d{2}/", meta["storage_path"])
-    data_path = config.storage_local_base_path / meta["storage_path"] / meta["storage_filename"]
-    assert data_path.read_bytes() == b"abc"
-    attr = json.loads(data_path.with_name(data_path.name + ".attr.json").read_text())
+    relpath = meta["storage_path"] + meta["storage_filename"]
+    assert await stored_objects(config) == [relpath, relpath + ".attr.json"]
+    async with backend_of(config) as backend:
+        reader = await backend.open(relpath)
+        assert b"".join([c async for c in reader.iter_range(0, 2, 1024)]) == b"abc"
+        await reader.close()
+        attr = json.loads(await backend.read_attr(relpath))
     assert list(attr)[:15] == [
         "file_id", "original_filename", "storage_filename", "file_size", "content_type",
         "created_at", "updated_at", "created_by_id", "created_by_username",
@@ -52,9 +64,9 @@ async def test_directory_structure_and_attr_file_on_disk(client, auth, config):
     assert attr["custom_attributes"] == {"project": "alpha", "n": 3}
     assert attr["checksum"] == sha256(b"abc") and attr["description"] == "d"
     assert attr["created_at"].endswith("+00:00")
-    assert not temp_files(config.storage_local_base_path)
 
 
+@BOTH_BACKENDS
 async def test_store_and_retrieve_large_file(client, auth):
     data = random_bytes(10 * 1024 * 1024 + 17)
     body = await upload(client, auth(), data, "big.bin", "application/octet-stream")
@@ -83,15 +95,20 @@ async def test_fields_after_the_file_part_are_applied(client, auth):
     assert meta["description"] == "came after the file"
 
 
+@BOTH_BACKENDS
 async def test_duplicate_file_id_is_409_and_leaves_the_first(client, auth, config):
     fid = str(uuid.uuid4())
     await upload(client, auth(), b"first", file_id=fid)
-    before = stored_files(config.storage_local_base_path)
+    before = await stored_objects(config)
+    assert len(before) == 2
     body = await upload(client, auth(), b"second", file_id=fid, status=409)
     assert fid in body["detail"]
-    assert stored_files(config.storage_local_base_path) == before
+    assert await stored_objects(config) == before
+    got = await client.get(f"/api/v1/files/{fid}/download", headers=auth())
+    assert await got.read() == b"first"
 
 
+@BOTH_BACKENDS
 async def test_zero_byte_file_is_accepted(client, auth):
     body = await upload(client, auth(), b"", "empty.txt")
     assert body["file_size"] == 0 and body["checksum"] == sha256(b"")
@@ -114,12 +131,13 @@ async def test_non_multipart_body_is_400(client, auth):
     assert resp.status == 400 and "multipart" in (await resp.json())["detail"]
 
 
+@BOTH_BACKENDS
 async def test_two_file_parts_are_refused_and_nothing_stays(client, auth, config):
     f = form(b"one", "1.txt")
     f.add_field("file", b"two", filename="2.txt")
     resp = await client.post(UPLOAD, data=f, headers=auth())
     assert resp.status == 400 and "more than one file" in (await resp.json())["detail"]
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 @pytest.mark.parametrize("name", [
@@ -133,7 +151,7 @@ async def test_hostile_names_stay_inside_the_storage_root(client, auth, config, 
     body = await resp.json()
     if "\x00" in name or "\x01" in name:  # refused while parsing the part headers
         assert resp.status == 400 and body["detail"]
-        assert not stored_files(config.storage_local_base_path)
+        assert await stored_objects(config) == []
         return
     assert resp.status == 201, body
     sf = body["storage_filename"]
@@ -148,7 +166,7 @@ async def test_name_over_500_characters_is_400_before_the_body(client, auth, con
     data, ctype = raw_multipart("n" * 501, b"data")
     resp = await client.post(UPLOAD, data=data, headers={**auth(), "Content-Type": ctype})
     assert resp.status == 400 and "filename" in (await resp.json())["detail"]
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 async def test_name_with_nothing_usable_becomes_file(client, auth):
@@ -161,6 +179,7 @@ async def test_bad_content_type_is_400(client, auth):
     assert resp.status == 400 and "media type" in (await resp.json())["detail"]
 
 
+@BOTH_BACKENDS
 async def test_raw_put_upload(client, auth, config):
     fid = str(uuid.uuid4())
     data = random_bytes(300_000)
@@ -173,6 +192,7 @@ async def test_raw_put_upload(client, auth, config):
     assert meta["content_type"] == "application/x-raw"
 
 
+@BOTH_BACKENDS
 async def test_raw_put_filename_from_content_disposition_and_chunked_body(client, auth):
     fid = str(uuid.uuid4())
 
@@ -189,6 +209,7 @@ async def test_raw_put_filename_from_content_disposition_and_chunked_body(client
     assert body["original_filename"] == "отчёт.txt"
 
 
+@BOTH_BACKENDS
 async def test_client_digest_match_and_mismatch(client, auth, config):
     data = b"integrity"
     good = base64.b64encode(hashlib.sha256(data).digest()).decode()
@@ -205,12 +226,13 @@ async def test_client_digest_match_and_mismatch(client, auth, config):
     resp = await client.post(UPLOAD, data=form(data), headers={**auth(), "Content-MD5": md5})
     assert resp.status == 400
     assert (await client.get(f"/api/v1/files/{fid2}", headers=auth())).status == 404
-    assert len(stored_files(config.storage_local_base_path)) == 2  # only the good one + attr
+    assert len(await stored_objects(config)) == 2  # only the good one + attr
     resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=data,
                             headers={**auth(), "Content-Digest": "sha-256=:!!:"})
     assert resp.status == 400
 
 
+@BOTH_BACKENDS
 async def test_per_file_cap_413_before_and_while_streaming(app_factory, auth):
     client = await app_factory(storage_max_file_size=1000)
     resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=b"x" * 1001, headers=auth())
@@ -224,11 +246,14 @@ async def test_per_file_cap_413_before_and_while_streaming(app_factory, auth):
     assert resp.status == 413
     resp = await client.post(UPLOAD, data=form(b"z" * 5000), headers=auth())
     assert resp.status == 413
+    assert await stored_objects(config_of(client)) == []
 
 
-async def test_capacity_full_is_507_and_nothing_is_stored(app_factory, auth, make_config):
+@BOTH_BACKENDS
+async def test_capacity_full_is_507_and_nothing_is_stored(app_factory, auth):
     client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
     await upload(client, auth(), b"a" * 6000)
+    before = await stored_objects(config_of(client))
     resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=b"b" * 6000, headers=auth())
     body = await resp.json()
     assert resp.status == 507 and "capacity" in body["detail"].lower()
@@ -236,6 +261,7 @@ async def test_capacity_full_is_507_and_nothing_is_stored(app_factory, auth, mak
     assert resp.status == 507
     listing = await (await client.get("/api/v1/files", headers=auth())).json()
     assert listing["total"] == 1
+    assert await stored_objects(config_of(client)) == before
 
 
 async def test_concurrent_uploads_cannot_overshoot_capacity(app_factory, auth):
@@ -279,6 +305,7 @@ async def test_expect_100_continue_accepted_then_stored(client, auth):
     writer.close()
 
 
+@BOTH_BACKENDS
 async def test_client_disconnect_mid_upload_leaves_nothing(client, auth, config, pg_dsn):
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
@@ -291,9 +318,9 @@ async def test_client_disconnect_mid_upload_leaves_nothing(client, auth, config,
     writer.transport.abort()
     for _ in range(50):  # the server notices and cleans up
         await asyncio.sleep(0.1)
-        if not stored_files(config.storage_local_base_path):
+        if not await stored_objects(config):
             break
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
     assert (await client.get(f"/api/v1/files/{fid}", headers=auth())).status == 404
     conn = await asyncpg.connect(pg_dsn)
     try:
@@ -330,7 +357,7 @@ async def test_description_too_long_for_attr_is_400_up_front(client, auth, confi
     resp = await client.post(UPLOAD, data=form(b"x", description="d" * 4000), headers=auth())
     body = await resp.json()
     assert resp.status == 400 and "description" in body["detail"]
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 @pytest.mark.parametrize("metadata", ['[1,2]', '{"a": NaN}', '{"a": 1, "a": 2}',
@@ -339,7 +366,7 @@ async def test_description_too_long_for_attr_is_400_up_front(client, auth, confi
 async def test_hostile_metadata_is_400(client, auth, config, metadata):
     resp = await client.post(UPLOAD, data=form(b"x", metadata=metadata), headers=auth())
     assert resp.status == 400, await resp.text()
-    assert not stored_files(config.storage_local_base_path)
+    assert await stored_objects(config) == []
 
 
 async def test_expect_100_continue_gets_507_when_it_would_not_fit(app_factory, auth):
