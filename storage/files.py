@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Any
 
-from . import attrmeta, attrs, faults, repo
+from . import attrmeta, attrs, faults, repo, repo_cache
 from .access import Identity
 from .backends.base import ObjectMissing
 from .element import Element
@@ -47,8 +47,10 @@ async def _refresh(el: Element, meta: FileMeta) -> FileMeta:
         doc = attrs.loads(await el.backend.read_attr(meta.relative_path), meta.relative_path)
         fresh = attrmeta.to_meta(doc)
         fresh.storage_path, fresh.storage_filename = meta.storage_path, meta.storage_filename
-        row = await repo.refresh_file(el.db.pool, el.db.q, fresh, ttl_hours(el))
-        return row or meta
+        # Guarded: a PATCH that committed after we read the attr document wins.
+        await repo_cache.refresh_if_unchanged(el.db.pool, el.db.q, fresh, ttl_hours(el),
+                                              meta.cache_updated_at)
+        return await repo.get_file(el.db, meta.file_id) or meta
     except (StorageError, attrs.AttrError, OSError) as exc:
         log.warning("lazy refresh of %s failed, serving the cached row: %s", meta.file_id, exc)
         return meta

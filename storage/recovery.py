@@ -132,6 +132,7 @@ async def _resolve_create(el: Element, wal: WalEntry, report: Report) -> None:
         report.completed += 1
         return report.note(wal, "committed", "data and attr file complete, row inserted")
     await el.backend.delete(relpath)
+    await el.backend.discard_temp(relpath, str(wal.operation_data.get("temp_path") or ""))
     await _rollback(el, wal, f"incomplete upload removed ({found})")
     report.rolled_back += 1
     report.note(wal, "rolled back", f"incomplete upload removed ({found})")

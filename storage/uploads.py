@@ -196,20 +196,24 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     txid = uuid.uuid4()
     need = spec.declared_size if spec.declared_size is not None else (
         min(spec.size_bound, max_file_size(el)) if spec.size_bound else 0)
+    # The writer touches nothing until its first write, so its temp path can go
+    # into the intent row: recovery then removes exactly that partial file.
+    writer = el.backend.create(meta.relative_path, spec.declared_size,
+                               content_type=meta.content_type)
     intent = {
         "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
         "data": {
             "original_filename": meta.original_filename,
             "storage_filename": meta.storage_filename, "storage_path": meta.storage_path,
             "relative_path": meta.relative_path, "content_type": meta.content_type,
+            "temp_path": writer.temp_name,
         },
     }
     await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     await faults.point(el, "upload.after_intent")
-    visible = False
+    visible = committing = False
     try:
-        async with el.backend.create(meta.relative_path, spec.declared_size,
-                                     content_type=meta.content_type) as writer:
+        async with writer:
             if "md5" in spec.digests:
                 writer.hasher.enable_md5()
             await _stream(el, spec, txid, writer, chunks, need)
@@ -225,12 +229,32 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
         await faults.point(el, "upload.after_data")
         await el.backend.write_attr(meta.relative_path, document)
         await faults.point(el, "upload.after_attr")
+        committing = True
         meta = await _finish(el, meta, txid)
+        committing = False
         await faults.point(el, "upload.after_commit")
     except BaseException as exc:
+        if committing and not _commit_refused(exc):
+            # The row may be in: removing the files could leave it without them.
+            log.warning("upload %s: the database commit may or may not have happened "
+                        "(%r); WAL %s left pending for recovery", meta.file_id, exc, txid)
+            raise
         await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
         raise
     return meta
+
+
+def _commit_refused(exc: BaseException) -> bool:
+    """True if the final statement certainly did not commit (the server refused it).
+
+    A lost connection, a timeout or an asyncpg error while releasing the connection
+    leaves the outcome open: the row may be committed (issue 11 saw exactly that
+    when PostgreSQL shut down: the statement committed, the pool's reset failed).
+    """
+    if isinstance(exc, StorageError):
+        return True  # Conflict: the id exists
+    ambiguous = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, ambiguous)
 
 
 async def _finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:

@@ -378,3 +378,30 @@ async def test_recovery_never_trusts_a_bad_attr_file(app_factory, config, pg_dsn
         await conn.close()
     with pytest.raises(attrs.AttrError):
         attrs.loads(bad)
+
+
+async def test_rolled_back_upload_removes_its_own_young_temp_file(app_factory, config, pg_dsn):
+    """The intent names its temp file, so a shared-mode recovery (which leaves young
+    stray temps alone) still removes the partial data of the upload it rolls back."""
+    a = await _restart(app_factory, config)
+    el, root = element(a), config.storage_local_base_path
+    meta = _meta("crashed.bin")
+    writer = el.backend.create(meta.relative_path)
+    await writer.write(b"partial")  # opens the temp file beside the target
+    temp = Path(writer.temp_name)
+    other = temp.with_name(".tmp_someone_elses")
+    other.write_bytes(b"live upload of another process")
+    data = {"original_filename": meta.original_filename, "storage_path": meta.storage_path,
+            "storage_filename": meta.storage_filename, "relative_path": meta.relative_path,
+            "content_type": meta.content_type, "temp_path": writer.temp_name}
+    txid = await _intent(el, "file_create", meta, age=timedelta(hours=30), data=data)
+    writer._fd, fd = None, writer._fd  # simulate the crash: the process never closes it
+    os.close(fd)
+    b = await _restart(app_factory, config)  # a keeps running: shared mode
+    conn = await connect(pg_dsn)
+    try:
+        assert (await _wal(conn, config.table_prefix, txid))[0] == "rolled_back"
+    finally:
+        await conn.close()
+    assert not temp.exists() and other.exists()
+    assert b is not None

@@ -173,3 +173,8 @@ class Backend(abc.ABC):
     async def remove_stray_temps(self, older_than_s: float = 0) -> int:
         """Remove leftover partial uploads; return how many were removed."""
         return 0
+
+    async def discard_temp(self, relpath: str, temp_name: str) -> bool:
+        """Remove the partial data a writer for ``relpath`` left as ``temp_name``
+        (its :attr:`Writer.temp_name`, kept in the WAL intent); True if removed."""
+        return False

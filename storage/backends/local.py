@@ -312,6 +312,18 @@ class LocalBackend(Backend):
         st = await asyncio.to_thread(os.statvfs, self.root)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    async def discard_temp(self, relpath: str, temp_name: str) -> bool:
+        temp = Path(temp_name) if temp_name else None
+        if temp is None or temp.parent != self.path(relpath).parent:
+            return False  # only ever a temp file beside the object it was for
+        if not temp.name.startswith(TEMP_PREFIX):
+            return False
+        try:
+            await asyncio.to_thread(temp.unlink)
+        except FileNotFoundError:
+            return False
+        return True
+
     async def remove_stray_temps(self, older_than_s: float = 0) -> int:
         cutoff = time.time() - older_than_s
 

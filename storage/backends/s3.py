@@ -298,6 +298,9 @@ class S3Backend(Backend):
             return True
         return False
 
+    async def discard_temp(self, relpath: str, temp_name: str) -> bool:
+        return bool(temp_name) and await self.abort_upload(self.key(relpath), temp_name)
+
     async def remove_stray_temps(self, older_than_s: float = 0) -> int:
         """Abort multipart uploads under the app folder initiated ``older_than_s`` ago."""
         cutoff, removed = datetime.now(UTC) - timedelta(seconds=older_than_s), 0
