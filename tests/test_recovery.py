@@ -384,7 +384,7 @@ async def test_rolled_back_upload_removes_its_own_young_temp_file(app_factory, c
     """The intent names its temp file, so a shared-mode recovery (which leaves young
     stray temps alone) still removes the partial data of the upload it rolls back."""
     a = await _restart(app_factory, config)
-    el, root = element(a), config.storage_local_base_path
+    el = element(a)
     meta = _meta("crashed.bin")
     writer = el.backend.create(meta.relative_path)
     await writer.write(b"partial")  # opens the temp file beside the target
