@@ -1,11 +1,12 @@
 """The local backend never reads or writes outside its root."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from storage.backends.base import ObjectMissing
+from storage.backends.base import ObjectMissing, StoreUnavailable
 from storage.backends.local import LocalBackend
 from storage.config import Config
 
@@ -46,3 +47,30 @@ async def test_regular_file_inside_is_served(backend):
         assert reader.info.path == Path(backend.root, "2026/01/01/00/ok.txt")
     finally:
         await reader.close()
+
+
+async def test_attr_listing_skips_dot_dirs_and_reports_unreadable_dirs(backend):
+    for rel in ("2026/01/01/00/a.txt", "2026/01/01/01/b.txt", ".quarantine/2026/x.txt"):
+        path = backend.root / (rel + ".attr.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    (backend.root / "2026/01/01/00/.tmp_attr_x.json.attr.json").write_text("{}")
+    assert [p async for p in backend.iter_attr_paths()] == [
+        "2026/01/01/00/a.txt", "2026/01/01/01/b.txt"]
+    shutil.rmtree(backend.root)  # what a vanished mount looks like to os.walk
+    with pytest.raises(StoreUnavailable, match="list the stored files"):
+        [p async for p in backend.iter_attr_paths()]
+
+
+async def test_attr_listing_can_stop_early(backend):
+    for i in range(1200):
+        path = backend.root / f"2026/01/01/00/f{i:04}.attr.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    seen = []
+    async for relpath in backend.iter_attr_paths():
+        seen.append(relpath)
+        if len(seen) == 3:
+            break
+    assert seen == ["2026/01/01/00/f0000", "2026/01/01/00/f0001", "2026/01/01/00/f0002"]
+    assert len([p async for p in backend.iter_attr_paths()]) == 1200

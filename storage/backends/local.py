@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -261,28 +262,57 @@ class LocalBackend(Backend):
     async def exists(self, relpath: str) -> bool:
         return await asyncio.to_thread(self.path(relpath).is_file)
 
+    def _walk_attr_batches(self, emit, stop: threading.Event, size: int = 500) -> None:
+        """Walk the tree in a thread, handing over sorted relpaths in batches.
+
+        Dot-directories (``.quarantine``, temp areas) are skipped; an unreadable
+        directory raises instead of being silently left out of a rebuild or check.
+        """
+        def fail(exc: OSError) -> None:
+            raise exc
+
+        batch: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=fail):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in sorted(filenames):
+                if name.endswith(ATTR_SUFFIX) and not name.startswith("."):
+                    rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                    batch.append(rel[: -len(ATTR_SUFFIX)])
+                    if len(batch) >= size:
+                        if stop.is_set():
+                            return
+                        emit(batch)
+                        batch = []
+        if batch and not stop.is_set():
+            emit(batch)
+
     async def iter_attr_paths(self) -> AsyncIterator[str]:
-        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
         loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[str] | BaseException | None] = asyncio.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def emit(item) -> None:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
 
         def walk() -> None:
             try:
-                for dirpath, dirnames, filenames in os.walk(self.root):
-                    dirnames.sort()
-                    for name in sorted(filenames):
-                        if name.endswith(ATTR_SUFFIX) and not name.startswith(TEMP_PREFIX):
-                            rel = os.path.relpath(os.path.join(dirpath, name), self.root)
-                            item = rel[: -len(ATTR_SUFFIX)]
-                            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
-            finally:
-                asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+                self._walk_attr_batches(emit, stop)
+                emit(None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                emit(exc)
 
         task = loop.run_in_executor(None, walk)
         try:
             while (item := await queue.get()) is not None:
-                yield item
+                if isinstance(item, BaseException):
+                    raise _translate(item, "list the stored files") if isinstance(
+                        item, OSError) else item
+                for relpath in item:
+                    yield relpath
         finally:
-            while not task.done():  # drain so the walker thread can finish
+            stop.set()
+            while not task.done():  # unblock the walker if it waits on a full queue
                 if queue.empty():
                     await asyncio.sleep(0.01)
                 else:
