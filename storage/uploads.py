@@ -253,6 +253,10 @@ def _commit_refused(exc: BaseException) -> bool:
     """
     if isinstance(exc, StorageError):
         return True  # Conflict: the id exists
+    never_connected = (asyncpg.exceptions.CannotConnectNowError,
+                       asyncpg.exceptions.TooManyConnectionsError, OSError)
+    if isinstance(exc, never_connected):
+        return True  # refused while connecting: the statement was never sent
     ambiguous = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
     return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, ambiguous)
 
