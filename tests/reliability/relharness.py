@@ -365,6 +365,39 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def open_files(pid: int) -> int:
+    """File descriptors of ``pid`` on files (not sockets, pipes or event fds)."""
+    return sum(t.startswith("/") for t in _fd_targets(pid))
+
+
+def tcp_connections(pid: int, port: int) -> int:
+    """Client connections ``pid`` holds on its listening ``port`` (the database pool,
+    on a Unix socket, does not count)."""
+    inodes = {t[8:-1] for t in _fd_targets(pid) if t.startswith("socket:[")}
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state != "0A" and inode in inodes:
+                count += 1
+    return count
+
+
 async def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     """Poll a sync or async predicate until it is true or ``timeout`` passes."""
     deadline = time.monotonic() + timeout

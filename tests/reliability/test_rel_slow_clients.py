@@ -30,10 +30,11 @@ from relharness import (
     PROFILES,
     RESULTS,
     Timer,
-    fd_count,
     http_request,
     inspect_store,
+    open_files,
     read_response,
+    tcp_connections,
     wait_until,
 )
 from server_proc import rss_kib
@@ -223,7 +224,7 @@ async def test_stalled_and_abandoned_bodies_leave_nothing(profile, server_factor
     env = _env(server_env)
     server = server_factory(env)
     token = auth()["Authorization"]
-    base_fds = fd_count(server.pid)
+    base_files = open_files(server.pid)
     failures = []
     repeats = 20 if profile.name == "slim" else 200
     part = b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
@@ -261,9 +262,11 @@ async def test_stalled_and_abandoned_bodies_leave_nothing(profile, server_factor
         res = await inspect_store(env["DATABASE_URL"], env["DB_TABLE_PREFIX"],
                                   Path(env["STORAGE_LOCAL_BASE_PATH"]))
         row.residue += res.count
-        fds_ok = await wait_until(lambda: fd_count(server.pid) <= base_fds + 2, timeout=10)
+        fds_ok = await wait_until(lambda: tcp_connections(server.pid, server.port) == 0
+                                  and open_files(server.pid) <= base_files, timeout=10)
     assert ok and not res.count, res.describe()
-    assert fds_ok, f"fds {base_fds} -> {fd_count(server.pid)}"
+    assert fds_ok, (f"connections left {tcp_connections(server.pid, server.port)}, open "
+                    f"files {base_files} -> {open_files(server.pid)}")
     assert not failures, "\n".join(failures)
 
 
@@ -276,7 +279,6 @@ async def test_a_thousand_idle_connections(profile, server_factory, server_env, 
     keepalive = 5.0
     server = server_factory({**_env(server_env), "SERVER_KEEPALIVE_TIMEOUT": str(keepalive)})
     count = profile.idle_connections
-    base_fds = fd_count(server.pid)
     with Timer(row):
         t0 = time.monotonic()
         socks = []
@@ -287,25 +289,25 @@ async def test_a_thousand_idle_connections(profile, server_factory, server_env, 
                 s.connect(("127.0.0.1", server.port))
             socks.append(s)
         probe = asyncio.create_task(_latency(server.url, auth(), n=5))
-        opened = await wait_until(lambda: fd_count(server.pid) >= base_fds + count,
+        opened = await wait_until(lambda: tcp_connections(server.pid, server.port) >= count,
                                   timeout=keepalive - 1, interval=0.02)
         accepted_in = time.monotonic() - t0
-        peak = fd_count(server.pid) - base_fds
+        peak = tcp_connections(server.pid, server.port)
         worst = await probe
-        closed = await wait_until(lambda: fd_count(server.pid) <= base_fds + 2,
+        closed = await wait_until(lambda: tcp_connections(server.pid, server.port) == 0,
                                   timeout=keepalive + 10, interval=0.2)
         closed_in = time.monotonic() - t0
-        end_fds = fd_count(server.pid)
+        left = tcp_connections(server.pid, server.port)
         for s in socks:
             s.close()
         row.rounds += 1
         row.acked += count
         row.note(f"{count} idle connections accepted in {accepted_in:.2f}s (peak {peak} open), "
                  f"worst probe {worst * 1000:.0f} ms, all closed {closed_in:.1f}s after the "
-                 f"burst (keepalive {keepalive}s), fds {base_fds} -> {end_fds}")
+                 f"burst (keepalive {keepalive}s)")
     assert opened, f"only {peak} of {count} connections were open at once"
     assert worst < 1.0, f"probe took {worst:.2f}s with {count} idle connections"
-    assert closed, f"idle connections not closed: fds {base_fds} -> {end_fds}"
+    assert closed, f"{left} idle connections not closed"
 
 
 @PROFILES
@@ -336,7 +338,7 @@ async def test_reader_that_stops_reading_a_large_download(profile, server_factor
     with Timer(row):
         for name, extra in variants.items():
             base_rss = rss_kib(server.pid)
-            base_fds = fd_count(server.pid)
+            base_files = open_files(server.pid)
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
             sock.connect(("127.0.0.1", server.port))
@@ -352,8 +354,9 @@ async def test_reader_that_stops_reading_a_large_download(profile, server_factor
                 await asyncio.sleep(0.1)
             worst = await _latency(server.url, headers, n=3)
             writer.transport.abort()
-            fds_back = await wait_until(lambda b=base_fds: fd_count(server.pid) <= b,
-                                        timeout=10)
+            fds_back = await wait_until(
+                lambda b=base_files: open_files(server.pid) <= b
+                and tcp_connections(server.pid, server.port) == 0, timeout=10)
             growth = (peak - base_rss) / 1024
             row.rounds += 1
             row.note(f"{name}: {size // MIB} MiB download stalled after {len(got)} bytes: "
@@ -365,7 +368,9 @@ async def test_reader_that_stops_reading_a_large_download(profile, server_factor
             if worst > 1.0:
                 failures.append(f"{name}: other requests took {worst:.2f}s")
             if not fds_back:
-                failures.append(f"{name}: fds {base_fds} -> {fd_count(server.pid)}")
+                failures.append(f"{name}: open files {base_files} -> "
+                                f"{open_files(server.pid)}, connections "
+                                f"{tcp_connections(server.pid, server.port)}")
         # the file itself is intact
         digest = hashlib.sha256()
         async with aiohttp.ClientSession(headers=headers) as session:
