@@ -10,13 +10,14 @@ Other modules count through ``app[metrics_key]`` (a :class:`Metrics`), e.g. the
 cache rebuild and startup recovery::
 
     m = app[metrics_key]
-    m.cache_rebuilds.labels(operation="full", status="success").inc()
-    m.cache_rebuild_duration.labels(operation="full").observe(seconds)
-    m.cache_entries.labels(action="created").inc(n)        # created|updated|deleted
-    m.recovery_runs.labels(status="success").inc()          # success|error
-    m.recovery_actions.labels(action="rolled_back").inc(n)  # free-form, low cardinality
-    m.recovery_duration.observe(seconds)
-    m.gc_deletes  # counted by the request middleware (route "gc_delete"), by outcome
+    m.record_recovery(report.summary(), seconds, ok=True)   # one recovery pass
+    m.recovery_actions.labels(action="rolled_back").inc(n)  # or single actions
+    m.cache_rebuilds.labels(operation="lazy", status="success").inc()  # lazy refreshes
+    m.cache_entries.labels(action="updated").inc()          # created|updated|deleted
+
+The cache API (``cache_*`` routes: operation, outcome, duration, entries changed from
+``result.statistics``) and GC deletes (route ``gc_delete``, by outcome) are counted by
+the request middleware from the route and the response, so their handlers need nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ DOWNLOAD_ROUTES = ("download",)
 DELETE_ROUTES = ("delete",)
 GC_ROUTES = ("gc_delete",)
 GC_OUTCOMES = ("deleted", "already_deleted")
+CACHE_ROUTES = {"cache_rebuild": "full", "cache_rebuild_incremental": "incremental",
+                "cache_cleanup_expired": "cleanup_expired", "cache_consistency": "consistency"}
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -142,6 +145,15 @@ class Metrics:
                                   ["status"], registry=r)
         self.set_mode(config.app_mode)
 
+    def record_recovery(self, summary: dict[str, int], seconds: float, ok: bool = True) -> None:
+        """One recovery pass: its outcome, duration and each non-zero count of ``summary``
+        (e.g. ``{"completed": 1, "rolled_back": 2, "temps_removed": 3}``) as actions."""
+        self.recovery_runs.labels("success" if ok else "error").inc()
+        self.recovery_duration.observe(seconds)
+        for action, count in summary.items():
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                self.recovery_actions.labels(action).inc(count)
+
     def set_mode(self, current: str) -> None:
         for mode in MODES:
             self.mode.labels(mode).set(1 if mode == current else 0)
@@ -216,6 +228,25 @@ def observe_request(request: web.Request, resp: web.StreamResponse | None, statu
     elif name in GC_ROUTES:
         outcome = _json_field(resp, "status") if ok else None
         metrics.gc_deletes.labels(outcome if outcome in GC_OUTCOMES else "error").inc()
+    elif name in CACHE_ROUTES:
+        _observe_cache(metrics, CACHE_ROUTES[name], resp, status, duration)
+
+
+def _observe_cache(metrics: Metrics, operation: str, resp: web.StreamResponse | None,
+                   status: int, duration: float) -> None:
+    """The cache API's outcome and its ``result.statistics`` (reference §7.4 envelope)."""
+    ok = 200 <= status < 300
+    outcome = "success" if ok else "busy" if status in (409, 503) else "error"
+    metrics.cache_rebuilds.labels(operation, outcome).inc()
+    if not ok:
+        return
+    metrics.cache_rebuild_duration.labels(operation).observe(duration)
+    result = _json_field(resp, "result")
+    stats = result.get("statistics") if isinstance(result, dict) else None
+    for action in ("created", "updated", "deleted"):
+        count = stats.get(f"entries_{action}") if isinstance(stats, dict) else None
+        if isinstance(count, int) and count > 0:
+            metrics.cache_entries.labels(action).inc(count)
 
 
 async def refresh(app: web.Application) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 
+import asyncpg
 import pytest
 from helpers import upload
 from prometheus_client.parser import text_string_to_metric_families
@@ -135,18 +136,52 @@ async def test_two_apps_in_one_process_keep_separate_registries(app_factory, aut
     assert a.app[metrics_key].registry is not b.app[metrics_key].registry
 
 
-async def test_counters_other_modules_increment_are_exposed(client, auth):
+async def test_recovery_counters_for_the_recovery_module(client):
     m = client.app[metrics_key]
     before = await scrape(client)
-    m.recovery_actions.labels(action="rolled_back").inc(3)
-    m.cache_rebuilds.labels(operation="full", status="success").inc()
-    m.cache_entries.labels(action="created").inc(5)
+    m.record_recovery({"mode": "exclusive", "completed": 1, "rolled_back": 3, "errors": 0},
+                      0.25)
     got = await scrape(client)
     assert value(got, "storage_recovery_actions_total", action="rolled_back") == \
         value(before, "storage_recovery_actions_total", action="rolled_back") + 3
-    assert value(got, "storage_cache_entries_total", action="created") == \
-        value(before, "storage_cache_entries_total", action="created") + 5
-    assert value(got, "storage_cache_rebuilds_total", operation="full", status="success") >= 1
+    assert value(got, "storage_recovery_actions_total", action="completed") == \
+        value(before, "storage_recovery_actions_total", action="completed") + 1
+    assert value(got, "storage_recovery_runs_total", status="success") == \
+        value(before, "storage_recovery_runs_total", status="success") + 1
+    assert value(got, "storage_recovery_duration_seconds_count") == \
+        value(before, "storage_recovery_duration_seconds_count") + 1
+    assert ("storage_recovery_actions_total", (("action", "errors"),)) not in got
+
+
+async def test_cache_api_calls_are_counted_with_their_statistics(client, auth, config,
+                                                                 pg_dsn):
+    gone = await upload(client, auth(), b"one")
+    await upload(client, auth(), b"two")
+    conn = await asyncpg.connect(pg_dsn)  # the cache loses a row; the rebuild restores it
+    try:
+        await conn.execute(f"DELETE FROM {config.table_prefix}_files WHERE file_id = $1",
+                           uuid.UUID(gone["file_id"]))
+    finally:
+        await conn.close()
+    before = await scrape(client)
+    resp = await client.post("/api/v1/cache/rebuild", headers=auth())
+    assert resp.status == 200, await resp.text()
+    stats = (await resp.json())["result"]["statistics"]
+    resp = await client.get("/api/v1/cache/consistency", headers=auth())
+    assert resp.status == 200
+    resp = await client.post("/api/v1/cache/rebuild", headers=auth(token_type="admin_user"))
+    assert resp.status == 403
+    got = await scrape(client)
+    assert value(got, "storage_cache_rebuilds_total", operation="full", status="success") == 1
+    assert value(got, "storage_cache_rebuilds_total", operation="full", status="error") == 1
+    assert value(got, "storage_cache_rebuilds_total", operation="consistency",
+                 status="success") == 1
+    assert value(got, "storage_cache_rebuild_duration_seconds_count", operation="full") == 1
+    for action in ("created", "updated", "deleted"):
+        assert value(got, "storage_cache_entries_total", action=action) == \
+            value(before, "storage_cache_entries_total", action=action) + \
+            stats[f"entries_{action}"]
+    assert stats["attr_files_scanned"] == 2 and stats["entries_created"] == 1
 
 
 async def test_gc_deletes_are_counted_by_outcome(client, auth):
