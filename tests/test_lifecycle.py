@@ -171,3 +171,18 @@ async def test_drain_waits_for_requests_in_flight_only_up_to_the_timeout(client,
     release.set()
     assert await drain(client.app, 5) == 0
     assert (await task).status == 201
+
+
+def test_sigterm_stops_the_embedded_database(keypair, tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data"), "STORAGE_LOCAL_BASE_PATH": str(tmp_path / "s"),
+           "JWT_PUBLIC_KEY_PATH": str(keypair[1]), "APP_MODE": "edit",
+           "STORAGE_DISK_RESERVE": "0", "DATABASE_URL": "", "DB_HOST": ""}
+    server = ServerProcess(env, tmp_path / "embedded.log").start(timeout=120)
+    pid_file = tmp_path / "data" / "pg" / "postmaster.pid"
+    try:
+        assert pid_file.exists()  # the embedded PostgreSQL is running
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_tail()
+    assert not pid_file.exists(), "the embedded PostgreSQL was left running"
+    assert "embedded PostgreSQL stopped" in server.log_path.read_text()
