@@ -100,6 +100,7 @@ async def request_middleware(request: web.Request, handler) -> web.StreamRespons
             resp = render(Unavailable("The service is shutting down; retry on another "
                                       "connection", headers={"Retry-After": "1",
                                                              "Connection": "close"}))
+            resp.force_close()
         else:
             resp = await error_middleware(request, handler)
         status = resp.status

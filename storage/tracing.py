@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 tracing_key = web.AppKey("tracing", Any)
 exporter_key = web.AppKey("tracing_exporter", Any)  # tests: an in-memory SpanExporter
 _POOL_RESET = "SELECT pg_advisory_unlock_all()"
+EXPORT_TIMEOUT = 2.0  # seconds per OTLP export attempt
 
 
 def _sdk_available() -> bool:
@@ -60,7 +61,10 @@ class Tracing:
             endpoint = config.otel_exporter_otlp_endpoint.rstrip("/")
             if not endpoint.endswith("/v1/traces"):
                 endpoint += "/v1/traces"
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint)))
+            # a short export timeout: a collector that is down must not hold up shutdown
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT)
+            self.provider.add_span_processor(BatchSpanProcessor(
+                exporter, export_timeout_millis=int(EXPORT_TIMEOUT * 1000)))
         self.tracer = self.provider.get_tracer("storage-element", config.app_version)
 
     def _attrs(self, **extra: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 
+import aiohttp
 import asyncpg
 import pytest
 from helpers import upload
@@ -274,3 +275,45 @@ async def test_tracing_off_wraps_nothing(client):
 
     assert client.app.get(tracing_key) is None
     assert not isinstance(client.app[backend_key], TracedBackend)
+
+
+async def test_spans_reach_an_otlp_collector_over_http(aiohttp_server, make_config, auth):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http",
+                        reason="the otel extra is not installed")
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[ExportTraceServiceRequest] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(await request.read())
+        received.append(msg)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", collect)
+    server = await aiohttp_server(collector)
+    app = make_app(make_config(otel_exporter_otlp_endpoint=str(server.make_url("/"))))
+    runner = web.AppRunner(app)
+    await runner.setup()  # start-up and shutdown as in production (the flush is on close)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{port}/api/v1/info", headers={"X-Request-ID": "otlp-1"}) as r:
+            assert r.status == 200
+    finally:
+        await runner.cleanup()
+    spans = [span for msg in received for rs in msg.resource_spans for ss in rs.scope_spans
+             for span in ss.spans]
+    names = {s.name for s in spans}
+    assert "GET /api/v1/info" in names and any(n.startswith("db.query") for n in names)
+    server_span = next(s for s in spans if s.name == "GET /api/v1/info")
+    attrs = {a.key: a.value.string_value for a in server_span.attributes}
+    assert attrs["request_id"] == "otlp-1"
+    service = {a.key: a.value.string_value for a in received[0].resource_spans[0].resource
+               .attributes}
+    assert service["service.name"] == "storage-element"
