@@ -72,6 +72,8 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
             log.warning("shutdown timeout: cancelling %d request(s) still running", left)
     finally:
         await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
 

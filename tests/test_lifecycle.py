@@ -186,3 +186,40 @@ def test_sigterm_stops_the_embedded_database(keypair, tmp_path):
     assert code == 0, server.log_tail()
     assert not pid_file.exists(), "the embedded PostgreSQL was left running"
     assert "embedded PostgreSQL stopped" in server.log_path.read_text()
+
+
+async def test_serve_in_process_drains_on_sigterm(make_config, auth):
+    """The same sequence as the subprocess test, in-process (signal sent to ourselves)."""
+    import os
+
+    from server_proc import free_port
+
+    from storage import lifecycle
+    from storage.app import make_app
+
+    config = make_config(server_host="127.0.0.1", server_port=free_port(), shutdown_timeout=5.0)
+    serving = asyncio.create_task(lifecycle._serve(make_app(config), config, False))
+    url = f"http://127.0.0.1:{config.server_port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"{url}/health/ready") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.02)
+        gate = asyncio.Event()
+        upload = asyncio.create_task(session.put(
+            f"{url}/api/v1/files/{uuid.uuid4()}", data=_body(2 * CHUNK, gate),
+            headers={**auth(), "Content-Length": str(2 * CHUNK)}))
+        await asyncio.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        with pytest.raises(aiohttp.ClientConnectionError):  # no longer listening
+            async with aiohttp.ClientSession() as fresh:
+                await fresh.get(f"{url}/health/live")
+        gate.set()
+        resp = await upload
+        assert resp.status == 201
+    await asyncio.wait_for(serving, 10)
