@@ -215,7 +215,7 @@ class Config:
     cors_expose_headers: tuple[str, ...] = env("CORS_EXPOSE_HEADERS", _origins, ())
     otel_exporter_otlp_endpoint: str | None = env("OTEL_EXPORTER_OTLP_ENDPOINT", _opt_str, None)
     otel_service_name: str | None = env("OTEL_SERVICE_NAME", _opt_str, None)
-    mode_refresh_interval: float = env("MODE_REFRESH_INTERVAL", _float(0.05, 60), 0.5)
+    mode_refresh_interval: float = env("MODE_REFRESH_INTERVAL", _float(0.05, 60), 0.25)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Config:

@@ -9,7 +9,7 @@ and keeps every process of the element in step:
   backward step and needs ``confirm: true``; ``edit`` is isolated.
 - A persisted mode (non-NULL ``current_mode``) overrides ``APP_MODE`` at startup.
 - Each process polls the persisted mode every ``MODE_REFRESH_INTERVAL`` seconds
-  (0.5 s by default), so a change made through any process is seen by all of
+  (0.25 s by default), so a change made through any process is seen by all of
   them within a second.
 """
 

@@ -196,7 +196,7 @@ def live(pg_dsn, keypair, tmp_path_factory):
         "DATABASE_URL": pg_dsn, "DB_TABLE_PREFIX": "fz" + secrets.token_hex(4),
         "STORAGE_LOCAL_BASE_PATH": str(base / "store"), "DATA_DIR": str(base / "data"),
         "JWT_PUBLIC_KEY_PATH": str(keypair[1]), "APP_MODE": "edit",
-        "STORAGE_DISK_RESERVE": "0", "MODE_REFRESH_INTERVAL": "0.5",
+        "STORAGE_DISK_RESERVE": "0",
     }, base / "server.log").start()
     try:
         headers = {"Authorization": "Bearer " + mint_token(
