@@ -4,7 +4,9 @@ Uploads reserve their bytes on their WAL intent row.  The check and the insert
 must be serialised per element, and in READ COMMITTED a single SQL statement
 reads with a snapshot taken *before* it could acquire a lock, so the logic lives
 in a VOLATILE PL/pgSQL function: each statement in it sees what committed before
-the advisory lock was granted.  Returns the usage it saw so a refusal can say why.
+the advisory lock was granted.  The usage is read in ONE statement, since uploads
+finish (row in, reservation out) without taking the lock.  Returns the usage it
+saw so a refusal can say why.
 """
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
@@ -31,12 +33,16 @@ steps = [
                 status := 'exists';
                 RETURN;
             END IF;
-            SELECT c.total_size_bytes INTO used FROM <prefix>_config c WHERE c.id = 1;
-            SELECT COALESCE(sum(w.reserved_bytes), 0)::bigint INTO reserved
-              FROM <prefix>_wal w WHERE w.status = 'pending';
-            SELECT w.reserved_bytes INTO current FROM <prefix>_wal w
-             WHERE w.transaction_id = p_txid AND w.status = 'pending';
-            current := COALESCE(current, 0);
+            -- One statement, one snapshot: an upload that commits (its row counted in
+            -- the totals, its reservation released) is seen entirely or not at all.
+            -- Separate SELECTs could straddle that commit and count it in neither.
+            SELECT c.total_size_bytes,
+                   (SELECT COALESCE(sum(w.reserved_bytes), 0)::bigint
+                      FROM <prefix>_wal w WHERE w.status = 'pending'),
+                   COALESCE((SELECT w.reserved_bytes FROM <prefix>_wal w
+                              WHERE w.transaction_id = p_txid AND w.status = 'pending'), 0)
+              INTO used, reserved, current
+              FROM <prefix>_config c WHERE c.id = 1;
             IF used + reserved - current + p_need > p_limit THEN
                 status := 'capacity';
             ELSIF p_free IS NOT NULL AND p_free - (reserved - current) < p_need - current THEN
