@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 from .config import Config
 from .element import Element
+from .uploads import FORM_ALLOWANCE
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 5.0
-UPLOAD_OVERHEAD = 64 * 1024  # multipart framing + form fields reserved with the file
+UPLOAD_OVERHEAD = FORM_ALLOWANCE  # multipart framing + form fields
 HEALTH_VALUES = ("healthy", "degraded", "unhealthy")
 LEVELS = ("ok", "warning", "critical", "full")
 

@@ -35,6 +35,7 @@ from .models import FileMeta, utcnow
 
 log = logging.getLogger(__name__)
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
+FORM_ALLOWANCE = 64 * 1024  # multipart framing and form fields, beyond the file itself
 
 
 @dataclass(slots=True)
@@ -55,6 +56,14 @@ class UploadSpec:
 def max_file_size(el: Element) -> int:
     cap = el.config.storage_max_file_size
     return cap if cap > 0 else el.config.storage_max_size
+
+
+def file_size_bound(body_length: int) -> int:
+    """The largest file a multipart body of ``body_length`` bytes can carry, as far as
+    limits go: the framing and form fields get :data:`FORM_ALLOWANCE` (a file of
+    exactly the limit must not be refused for its envelope; the streamed byte count
+    enforces the real limit)."""
+    return max(body_length - FORM_ALLOWANCE, 0)
 
 
 def check_declared_size(el: Element, size: int | None) -> None:
@@ -195,7 +204,7 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     attr_document(meta)  # 400 up front when the attr file would be too large
     txid = uuid.uuid4()
     need = spec.declared_size if spec.declared_size is not None else (
-        min(spec.size_bound, max_file_size(el)) if spec.size_bound else 0)
+        min(file_size_bound(spec.size_bound), max_file_size(el)) if spec.size_bound else 0)
     # The writer touches nothing until its first write, so its temp path can go
     # into the intent row: recovery then removes exactly that partial file.
     writer = el.backend.create(meta.relative_path, spec.declared_size,

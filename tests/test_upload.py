@@ -380,3 +380,11 @@ async def test_expect_100_continue_gets_507_when_it_would_not_fit(app_factory, a
     await writer.drain()
     assert b" 507 " in await asyncio.wait_for(reader.readline(), 5)
     writer.close()
+
+
+async def test_multipart_file_of_exactly_the_per_file_cap_is_accepted(app_factory, auth):
+    client = await app_factory(storage_max_file_size=10_000)
+    body = await upload(client, auth(), b"x" * 10_000, description="d" * 1000)
+    assert body["file_size"] == 10_000
+    resp = await client.post("/api/v1/files/upload", data=form(b"x" * 10_001), headers=auth())
+    assert resp.status == 413

@@ -49,11 +49,19 @@ def _declared(request: web.Request) -> int | None:
         hdrs.TRANSFER_ENCODING, "").lower() else None
 
 
+def _file_size_hint(request: web.Request) -> int | None:
+    """The announced file size: the body length, less the envelope for multipart."""
+    size = _declared(request)
+    if size is not None and request.content_type.startswith("multipart/"):
+        return uploads.file_size_bound(size)
+    return size
+
+
 def _precheck_upload(request: web.Request) -> None:
     """Checks that need no body: mode and announced size (auth ran already)."""
     el = element(request)
     require_mode(el, "upload")
-    uploads.check_declared_size(el, _declared(request))
+    uploads.check_declared_size(el, _file_size_hint(request))
 
 
 async def upload_expect(request: web.Request) -> web.StreamResponse | None:
@@ -64,7 +72,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
         return refused
     try:
         _precheck_upload(request)
-        await uploads.precheck_capacity(element(request), request.content_length)
+        await uploads.precheck_capacity(element(request), _file_size_hint(request))
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)
