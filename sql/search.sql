@@ -16,19 +16,26 @@
 -- (migrations/0002.search.py): "-_./\" between words become spaces.
 
 -- fragment: tsquery
-(websearch_to_tsquery('simple'::regconfig, :q) || websearch_to_tsquery('english'::regconfig, :q))
+-- exact words OR english stems; one of them when both read the same (the planner's
+-- row estimate would count an "x | x" twice).  Folded to a constant at planning.
+(CASE WHEN websearch_to_tsquery('simple'::regconfig, :q)
+         = websearch_to_tsquery('english'::regconfig, :q)
+      THEN websearch_to_tsquery('simple'::regconfig, :q)
+      ELSE websearch_to_tsquery('simple'::regconfig, :q)
+           || websearch_to_tsquery('english'::regconfig, :q) END)
 
 -- fragment: select
+-- every FileMeta field but metadata_json, which FileMetadataResponse does not show
 SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
        updated_at, created_by_id, created_by_username, created_by_fullname, description,
-       version, storage_path, checksum, metadata_json, cache_updated_at, cache_ttl_hours,
+       version, storage_path, checksum, cache_updated_at, cache_ttl_hours,
        NULL::real AS search_rank
 FROM <prefix>_files
 
 -- fragment: select_ranked
 SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
        updated_at, created_by_id, created_by_username, created_by_fullname, description,
-       version, storage_path, checksum, metadata_json, cache_updated_at, cache_ttl_hours,
+       version, storage_path, checksum, cache_updated_at, cache_ttl_hours,
        ts_rank(search_vector, {tsquery}) AS search_rank
 FROM <prefix>_files
 
@@ -46,10 +53,11 @@ EXPLAIN (FORMAT JSON) SELECT 1 FROM <prefix>_files WHERE {where}
 
 -- fragment: custom_plans
 -- Every search statement is planned for its actual values: a cached generic plan
--- cannot know whether a word matches ten rows or half the table.
-SELECT set_config('plan_cache_mode', 'force_custom_plan', true)
+-- cannot know whether a word matches ten rows or half the table.  Session-level:
+-- the pool's RESET ALL undoes it when the connection is released.
+SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
 
--- filters (joined with AND; the alternatives of one metadata filter with OR) --------
+-- filters (joined with AND) -------------------------------------------------------
 
 -- fragment: all_rows
 true
@@ -80,7 +88,10 @@ created_at >= :created_after::timestamptz
 created_at < :created_before::timestamptz
 
 -- fragment: where_metadata
-metadata_json @> :metadata::jsonb
+-- :metadata is a jsonpath VALUE built by storage/search.py from JSON-escaped literals,
+-- e.g. $."year" == "2024" || $."year" == 2024 (lax mode: an array matches by element);
+-- served by the jsonb_path_ops GIN index idx_<prefix>_files_metadata_path
+metadata_json @@ :metadata::jsonpath
 
 -- sorts: ORDER BY and the keyset "after this row" condition, file_id breaking ties --
 
@@ -125,3 +136,19 @@ ts_rank(search_vector, {tsquery}) DESC, file_id DESC
 
 -- fragment: after_rank
 (ts_rank(search_vector, {tsquery}), file_id) < (:after_key::real, :after_id::uuid)
+
+-- maintenance and benchmarking ------------------------------------------------------
+
+-- fragment: explain_analyze
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}
+
+-- fragment: vacuum_analyze
+VACUUM (ANALYZE) <prefix>_files
+
+-- fragment: newest_created_at
+SELECT max(created_at) FROM <prefix>_files
+
+-- fragment: server_settings
+SELECT current_setting('server_version') AS version,
+       current_setting('shared_buffers') AS shared_buffers,
+       current_setting('work_mem') AS work_mem

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import fields
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -18,17 +19,19 @@ from .models import ElementState, FileMeta
 from .sql import Queries
 
 FILE_COLUMNS = tuple(f.name for f in fields(FileMeta))
+PAGE_COLUMNS = tuple(c for c in FILE_COLUMNS if c != "metadata_json")
 
 
 async def use_custom_plans(conn: asyncpg.Connection, sql: str) -> None:
-    """Plan this transaction's statements for their actual values (``SET LOCAL``)."""
+    """Plan this connection's statements for their actual values until it is reset."""
     await conn.execute(sql)
 
 
 async def search_page(conn: asyncpg.Connection, sql: str,
                       args: list[Any]) -> list[tuple[FileMeta, float | None]]:
+    """Rows of a ``page_statement``: every FileMeta field but ``metadata_json``, and the rank."""
     rows = await conn.fetch(sql, *args)
-    return [(FileMeta.from_record(r), r["search_rank"]) for r in rows]
+    return [(FileMeta(**{c: r[c] for c in PAGE_COLUMNS}), r["search_rank"]) for r in rows]
 
 
 async def count_matches(conn: asyncpg.Connection, sql: str, args: list[Any]) -> int:
@@ -39,6 +42,24 @@ async def estimate_matches(conn: asyncpg.Connection, sql: str, args: list[Any]) 
     """The planner's estimate of the rows a condition matches (nothing is read)."""
     plan = await conn.fetchval(sql, *args)
     return int(plan[0]["Plan"]["Plan Rows"])
+
+
+async def explain_analyze(conn: asyncpg.Connection, sql: str, args: list[Any]) -> Any:
+    """The JSON plan of an ``EXPLAIN (ANALYZE, …)`` statement (it runs the query)."""
+    return await conn.fetchval(sql, *args)
+
+
+async def vacuum_analyze(conn: asyncpg.Connection, sql: str) -> None:
+    """Refresh statistics and the visibility map after a bulk load (not in a transaction)."""
+    await conn.execute(sql)
+
+
+async def newest_created_at(conn: asyncpg.Connection, sql: str) -> datetime | None:
+    return await conn.fetchval(sql)
+
+
+async def server_settings(conn: asyncpg.Connection, sql: str) -> dict[str, str]:
+    return dict(await conn.fetchrow(sql))
 
 
 async def total_files(conn: asyncpg.Connection, q: Queries) -> int:

@@ -5,9 +5,12 @@ Trust boundary ("safeholders vs placeholders", after Kinto's PostgreSQL storage)
 - *Safeholders* are the SQL fragments of ``sql/search.sql``, loaded once, rendered for
   the validated table prefix and picked here by FIXED names only: one per filter, an
   ORDER BY and a keyset condition per whitelisted sort key (:data:`SORTS`).  The only
-  string work done per request is joining trusted fragments with `` AND `` / `` OR ``.
+  string work done per request is joining trusted filter fragments with `` AND `` and
+  filling the ``{select}``/``{where}``/``{order}`` safeholders of a statement fragment.
 - *Placeholders* are the values: every piece of request text (the query, a content
   type, a metadata key or value, a date, a cursor's contents) is bound as ``$n``.
+  (A metadata filter is bound as one jsonpath value whose key and value are
+  JSON-escaped string literals, see :func:`metadata_jsonpath`.)
   No request text ever becomes SQL text, so no input can change a statement's shape
   beyond choosing among the fragments.
 
@@ -48,8 +51,10 @@ MAX_Q_TOKENS = 64
 MAX_METADATA_FILTERS = 16
 MAX_CURSOR = 1024
 # Above this many matches ``total`` is the planner's estimate (``total_is_estimate``);
-# at or below it an exact count, which reads at most this many rows.
-EXACT_TOTAL_LIMIT = 10_000
+# at or below it an exact count, which reads at most this many rows.  At a million
+# files an exact count of 10,000 scattered matches reads ~10,000 heap pages (20-40 ms,
+# more than the page itself); 1,000 keeps it to a few ms (bench/results/search-*.md).
+EXACT_TOTAL_LIMIT = 1_000
 
 SEARCH_PARAMS = frozenset({
     "q", "content_type", "created_by", "min_size", "max_size", "created_after",
@@ -140,7 +145,7 @@ def parse_params(query) -> SearchParams:
     :raises BadRequest: with a detail naming the offending parameter.
     """
     q = _q(_one(query, "q"))
-    sort_name = _one(query, "sort") or ("rank" if q else "-created_at")
+    sort_name = _one(query, "sort") or "-created_at"
     sort = SORTS.get(sort_name)
     if sort is None:
         raise BadRequest(f"sort must be one of {', '.join(SORTS)}; got {sort_name[:50]!r}")
@@ -189,19 +194,21 @@ def _q(raw: str | None) -> str | None:
     return _JOINERS.sub(" ", raw)
 
 
-_MEDIA = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,127}/(?:\*|[A-Za-z0-9!#$&^_.+-]{1,127})")
+_TYPE_WILDCARD = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,127}/\*")
 
 
 def _content_type(raw: str | None) -> tuple[str | None, bool]:
+    """An exact media type (parameters allowed, compared byte for byte) or ``type/*``."""
     if raw is None or raw == "":
         return None, False
     value = raw.strip()
-    if len(value) > 255 or not _MEDIA.fullmatch(value):
-        raise BadRequest(f"content_type must be a media type like image/png or image/*; "
-                         f"got {raw[:80]!r}")
-    if value.endswith("/*"):
+    if _TYPE_WILDCARD.fullmatch(value):
         return value[:-1], True
-    return value, False
+    try:
+        return validate.content_type(value), False
+    except BadRequest:
+        raise BadRequest(f"content_type must be a media type like image/png or image/*; "
+                         f"got {raw[:80]!r}") from None
 
 
 def _size(raw: str | None, name: str) -> int | None:
@@ -251,19 +258,19 @@ def _metadata(query) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
-def metadata_candidates(key: str, value: str) -> list[dict[str, Any]]:
-    """JSON documents whose containment means "metadata[key] equals value".
+def metadata_jsonpath(key: str, value: str) -> str:
+    """A jsonpath *value* meaning "top-level ``key`` equals ``value``".
 
-    The value arrives as text; it also matches the same number or boolean, and an
-    array holding it (``metadata.tag=x`` finds ``{"tag": ["x", "y"]}``).
+    The value arrives as text; it also matches the number, boolean or null it spells,
+    and lax mode makes an array match by element (``metadata.tag=x`` finds
+    ``{"tag": ["x", "y"]}``).  Key and value enter only as JSON-escaped string
+    literals, so they cannot change the path's structure.
     """
-    typed: list[Any] = [value]
-    if _NUMBER.fullmatch(value):
-        number = float(value) if "." in value else int(value)
-        typed.append(number)
-    elif value in ("true", "false"):
-        typed.append(value == "true")
-    return [{key: v} for v in typed] + [{key: [v]} for v in typed]
+    path = "$." + json.dumps(key, ensure_ascii=False)
+    literals = [json.dumps(value, ensure_ascii=False)]
+    if _NUMBER.fullmatch(value) or value in ("true", "false", "null"):
+        literals.append(value)
+    return " || ".join(f"{path} == {literal}" for literal in literals)
 
 
 # --- cursors -------------------------------------------------------------------------------
@@ -397,9 +404,7 @@ def _conditions(st: Statement, p: SearchParams) -> list[str]:
     if p.created_before:
         where.append(st.use("where_created_before", created_before=p.created_before))
     for key, value in p.metadata:
-        alternatives = [st.use("where_metadata", metadata=doc)
-                        for doc in metadata_candidates(key, value)]
-        where.append("(" + " OR ".join(alternatives) + ")")
+        where.append(st.use("where_metadata", metadata=metadata_jsonpath(key, value)))
     return where
 
 
@@ -445,6 +450,11 @@ def custom_plans_statement(prefix: str) -> str:
     return fragments(prefix)["custom_plans"]
 
 
+def explain_analyze_statement(prefix: str, statement: str) -> str:
+    """``statement`` (one built here) run under ``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)``."""
+    return _fill(fragments(prefix)["explain_analyze"], statement=statement)
+
+
 
 
 # --- running a search ----------------------------------------------------------------------
@@ -476,7 +486,9 @@ async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) 
     estimate with ``total_is_estimate``.
     """
     prefix = db.q.prefix
-    async with db.pool.acquire() as conn, conn.transaction(readonly=True):
+    async with db.pool.acquire() as conn:
+        # Session-level, without a transaction's two extra round trips: the pool's
+        # RESET ALL on release puts the connection back to normal.
         await repo_search.use_custom_plans(conn, custom_plans_statement(prefix))
         rows = await repo_search.search_page(conn, *page_statement(prefix, p))
         more = len(rows) > p.limit

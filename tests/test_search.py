@@ -76,10 +76,12 @@ async def test_response_shape_and_rank_only_with_q(client, auth, corpus):
     assert body["next_cursor"] is None and len(body["files"]) == 7
     assert "search_rank" not in body["files"][0]
     assert set(body["files"][0]) >= {"file_id", "original_filename", "checksum", "cache_expired"}
-    ranked = await find(client, auth, q="report")
-    assert ranked["files"] and all(f["search_rank"] > 0 for f in ranked["files"])
+    newest = await find(client, auth, q="report")  # newest first is the default, also with q
+    assert [f["original_filename"] for f in newest["files"]] == ["notes.txt", "report-2025.pdf"]
+    assert all(f["search_rank"] > 0 for f in newest["files"])
+    ranked = await find(client, auth, q="report", sort="rank")
     ranks = [f["search_rank"] for f in ranked["files"]]
-    assert ranks == sorted(ranks, reverse=True)  # rank is the default sort with q
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[1]
     assert ranked["files"][0]["original_filename"] == "report-2025.pdf"  # filename weighs most
 
 
@@ -154,10 +156,36 @@ async def test_filters(client, auth, corpus):
     assert await names(client, auth, **{"metadata.tags": "budget"}) == ["report-2025.pdf"]
     assert await names(client, auth, **{"metadata.approved": "true"}) == ["budget_final.v2.xlsx"]
     assert await names(client, auth, **{"metadata.project": "Apollo"}) == []  # exact
+    assert await names(client, auth, **{"metadata.status": "draft"}) == ["diagram.png"]
+    assert await names(client, auth, **{"metadata.status": "draft\" || $.status == \"x"}) == []
     assert await names(client, auth, **{"metadata.missing": "x"}) == []
     # combined with text and each other
     assert await names(client, auth, q="report", created_by="alice",
                        content_type="application/pdf") == ["report-2025.pdf"]
+
+
+async def test_metadata_keys_and_values_are_literals(client, auth):
+    odd = {'we"ird\\key $.x': 'va"l\\ue || $ == 1', "n": None, "neg": -3, "f": 1.5,
+           "nested": {"inner": "deep"}}
+    await upload(client, auth(), b"o", "odd.bin", metadata=json.dumps(odd))
+    await upload(client, auth(), b"o", "plain.bin", metadata='{"n": "other", "neg": 3}')
+    assert await names(client, auth, **{'metadata.we"ird\\key $.x': 'va"l\\ue || $ == 1'}) == [
+        "odd.bin"]
+    assert await names(client, auth, **{"metadata.n": "null"}) == ["odd.bin"]
+    assert await names(client, auth, **{"metadata.neg": "-3"}) == ["odd.bin"]
+    assert await names(client, auth, **{"metadata.f": "1.5"}) == ["odd.bin"]
+    assert await names(client, auth, **{"metadata.inner": "deep"}) == []  # top level only
+    assert await names(client, auth, **{"metadata.nested": "deep"}) == []
+
+
+async def test_content_type_with_parameters_and_wildcards(client, auth):
+    await upload(client, auth(), b"t", "a.txt", "text/plain; charset=utf-8")
+    await upload(client, auth(), b"t", "b.txt", "text/plain")
+    await upload(client, auth(), b"t", "c.csv", "text/csv")
+    assert await names(client, auth, content_type="text/plain") == ["b.txt"]
+    assert await names(client, auth, content_type="text/plain; charset=utf-8") == ["a.txt"]
+    assert set(await names(client, auth, content_type="text/*")) == {"a.txt", "b.txt", "c.csv"}
+    assert await names(client, auth, content_type="tex/*") == []
 
 
 async def test_metadata_filter_repeats_are_and(client, auth, corpus):
@@ -214,7 +242,7 @@ async def test_rank_sort_pages_and_ties(client, auth):
     for i in range(5):  # equal documents: equal ranks, the cursor must break the tie
         await upload(client, auth(), b"r", f"same{i}.txt", description="shared words here")
     await upload(client, auth(), b"r", "shared-shared.txt", description="shared words")
-    pages = await all_pages(client, auth, q="shared", limit="2")
+    pages = await all_pages(client, auth, q="shared", sort="rank", limit="2")
     assert len(pages) == 6 and len({f["file_id"] for f in pages}) == 6
     keys = [(-f["search_rank"], uuid.UUID(f["file_id"])) for f in pages]
     assert keys == sorted(keys, key=lambda k: (k[0], [-b for b in k[1].bytes]))
