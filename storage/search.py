@@ -174,7 +174,8 @@ def parse_params(query) -> SearchParams:
 
 _WORD = re.compile(r"\w+")
 _OPERATOR = re.compile(r'"|(?<!\S)-')
-_JOINERS = re.compile(r"[_./\\]|(?<=\S)-")
+_JOINERS = re.compile(r"[-_./\\]+")
+_SEGMENT = re.compile(r'-?"[^"]*"?|\S+')
 
 
 def _q(raw: str | None) -> str | None:
@@ -189,9 +190,29 @@ def _q(raw: str | None) -> str | None:
     tokens = len(_WORD.findall(raw)) + len(_OPERATOR.findall(raw))
     if tokens > MAX_Q_TOKENS:
         raise BadRequest(f"q has {tokens} words and operators, limit {MAX_Q_TOKENS}")
-    # The document turns "-_./\" into spaces before parsing (migrations/0002.search.py);
-    # do the same here, keeping a "-" that starts a word: websearch's NOT.
-    return _JOINERS.sub(" ", raw)
+    return _normalise(raw)
+
+
+def _normalise(q: str) -> str:
+    """Split words the way the document does, keeping websearch's syntax.
+
+    The stored document turns ``-_./\\`` into spaces (migrations/0002.search.py), so a
+    word joined by them becomes a phrase of its parts (``report-2025.pdf`` →
+    ``"report 2025 pdf"``: adjacent, in order); a leading ``-`` stays websearch's NOT
+    and inside quotes they simply become spaces.
+    """
+    out = []
+    for segment in _SEGMENT.findall(q):
+        negate = "-" if segment.startswith("-") and len(segment) > 1 else ""
+        if '"' in segment:
+            out.append(negate + _JOINERS.sub(" ", segment[len(negate):]))
+            continue
+        parts = [p for p in _JOINERS.split(segment[len(negate):]) if p]
+        if len(parts) > 1:
+            out.append(f'{negate}"{" ".join(parts)}"')
+        elif parts:
+            out.append(negate + parts[0])
+    return " ".join(out)
 
 
 _TYPE_WILDCARD = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,127}/\*")

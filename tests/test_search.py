@@ -92,6 +92,10 @@ async def test_filename_is_tokenised(client, auth, corpus):
         assert await names(client, auth, q=q), q
     assert await names(client, auth, q="0042") == ["IMG_0042.JPG"]
     assert await names(client, auth, q="budget_final.v2") == ["budget_final.v2.xlsx"]
+    # a joined word is a phrase of its parts: adjacent and in order
+    assert await names(client, auth, q="0042_IMG") == []
+    assert await names(client, auth, q="report -report-2025") == ["notes.txt"]
+    assert await names(client, auth, q='"2025.pdf"') == ["report-2025.pdf"]
 
 
 async def test_websearch_syntax(client, auth, corpus):
