@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from .backends.base import Backend
 from .config import Config
-
-if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .db import Db
-    from .runtime import Runtime
+from .db import Db
+from .runtime import Runtime
 
 config_key = web.AppKey("config", Config)
 dsn_key = web.AppKey("dsn", str)
-db_key = web.AppKey("db", "Db")
-backend_key = web.AppKey("backend", "Backend")
-runtime_key = web.AppKey("runtime", "Runtime")
+db_key = web.AppKey("db", Db)
+backend_key = web.AppKey("backend", Backend)
+runtime_key = web.AppKey("runtime", Runtime)
 auth_key = web.AppKey("auth", Any)
 metrics_key = web.AppKey("metrics", Any)
