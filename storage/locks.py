@@ -29,7 +29,7 @@ from datetime import datetime
 
 import asyncpg
 
-from .db import Db
+from .db import Db, session_state_changed
 from .errors import Conflict
 from .models import utcnow
 from .sql import Queries
@@ -121,6 +121,7 @@ async def hold(db: Db, purpose: str, what: str) -> AsyncIterator[asyncpg.Connect
     """
     lock_key = key(db.q.prefix, purpose)
     async with db.pool.acquire() as conn:
+        session_state_changed(conn)  # the label and the lock go with the pool's reset
         await set_label(conn, db.q, label(what))
         if not await try_lock(conn, db.q, lock_key):
             raise LockBusy(what, await holders(conn, db.q, lock_key))

@@ -35,6 +35,7 @@ from .models import FileMeta, utcnow
 
 log = logging.getLogger(__name__)
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
+MIN_RESERVATION = 1024 * 1024  # first reservation step for bodies of unknown length
 FORM_ALLOWANCE = 64 * 1024  # multipart framing and form fields, beyond the file itself
 
 
@@ -160,7 +161,9 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
             raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
                                   headers={"Connection": "close"})
         if writer.size + len(chunk) > reserved:
-            reserved = await _grow(el, txid, reserved, writer.size + len(chunk), cap)
+            # A body of known length (multipart) never needs more than that length.
+            most = min(cap, spec.size_bound) if spec.size_bound else cap
+            reserved = await _grow(el, txid, reserved, writer.size + len(chunk), most)
         await writer.write(chunk)
     if spec.declared_size is not None and writer.size != spec.declared_size:
         raise ClientGone(
@@ -174,7 +177,9 @@ async def _grow(el: Element, txid: uuid.UUID, reserved: int, need: int, cap: int
     A whole step (64 MiB) must not be demanded from a disk with less free space than
     that: a small chunked upload would get 507 on a disk with room for it (issue 11).
     """
-    step = min(cap, max(reserved + GROWTH_STEP, need))
+    # Doubling from 1 MiB, by at most GROWTH_STEP at a time: a small chunked body never
+    # holds 64 MiB of capacity that concurrent uploads could use.
+    step = min(cap, max(need, MIN_RESERVATION, min(2 * reserved, reserved + GROWTH_STEP)))
     try:
         await _reserve(el, txid, step, insert=None)
         return step
