@@ -5,7 +5,7 @@ the process SIGKILL itself when it reaches ``await faults.point(el, "<name>")``.
 Unset in production, where each point costs one attribute comparison.
 
 Points (see tests/test_crash.py): ``upload.after_intent``, ``upload.after_body``,
-``upload.after_data``, ``upload.after_attr``, ``upload.after_commit``,
+``upload.after_files`` (data and attr document in place), ``upload.after_commit``,
 ``update.after_intent``, ``update.after_attr``, ``update.after_commit``,
 ``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
 ``recovery.resolved``.

@@ -237,12 +237,10 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             # multipart fields that followed the file part
             meta.description, meta.version = spec.description, spec.version
             meta.metadata_json = spec.metadata or None  # {} reads back as null
-            document = attr_document(meta)
-            await writer.commit()
+            # data and attr document in one step: one directory fsync for both
+            await writer.commit(attr_document(meta))
             visible = True
-        await faults.point(el, "upload.after_data")
-        await el.backend.write_attr(meta.relative_path, document)
-        await faults.point(el, "upload.after_attr")
+        await faults.point(el, "upload.after_files")
         committing = True
         meta = await _finish(el, meta, txid)
         committing = False

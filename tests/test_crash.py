@@ -196,8 +196,7 @@ MATRIX = [  # PATCH and delete first: their set-up uploads must not meet an uplo
     ("delete.after_commit", _delete_crash, "absent"),
     ("upload.after_intent", _upload_crash, "absent"),
     ("upload.after_body", _upload_crash, "absent"),
-    ("upload.after_data", _upload_crash, "absent"),
-    ("upload.after_attr", _upload_crash, "present"),
+    ("upload.after_files", _upload_crash, "present"),
     ("upload.after_commit", _upload_crash, "present"),
 ]
 

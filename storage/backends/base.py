@@ -85,8 +85,14 @@ class Writer(abc.ABC):
         """Append ``chunk`` and hash it.  :raises NoSpace: / StoreUnavailable:"""
 
     @abc.abstractmethod
-    async def commit(self) -> None:
-        """Make the object durable and visible at ``relpath`` atomically."""
+    async def commit(self, attr: bytes | None = None) -> None:
+        """Make the object durable and visible at ``relpath`` atomically.
+
+        ``attr``, when given, is (re)placed as the object's attr document in the same
+        step (the local backend then fsyncs the directory once for both).  The data
+        becomes visible first: a crash in between leaves data without an attr
+        document, which recovery treats as an incomplete upload.
+        """
 
     @abc.abstractmethod
     async def abort(self) -> None:

@@ -85,6 +85,23 @@ def write_atomic(path: Path, data: bytes, root: Path) -> None:
     attrs.write_atomic(path, data)
 
 
+def _write_synced_temp(directory: Path, data: bytes) -> Path:
+    """``data`` in a new fsynced temp file in ``directory`` (the caller renames it)."""
+    tmp = directory / f"{TEMP_PREFIX}_attr_{secrets.token_hex(8)}.json"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
 class LocalWriter(Writer):
     def __init__(self, backend: LocalBackend, relpath: str) -> None:
         self.relpath = relpath
@@ -118,20 +135,32 @@ class LocalWriter(Writer):
         except OSError as exc:
             raise _translate(exc, "store the file") from exc
 
-    def _commit(self) -> None:
+    def _commit(self, attr: bytes | None) -> None:
         if self._fd is None:
             self._open()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        os.link(self._tmp, self._final)  # never clobbers an existing object
-        os.unlink(self._tmp)
-        fsync_dir(self._final.parent)
-        self._done = True
-
-    async def commit(self) -> None:
+        attr_tmp = _write_synced_temp(self._final.parent, attr) if attr is not None else None
         try:
-            await asyncio.to_thread(self._commit)
+            os.link(self._tmp, self._final)  # never clobbers an existing object
+            if attr_tmp is not None:
+                try:
+                    os.replace(attr_tmp, self._final.parent / (self._final.name + ATTR_SUFFIX))
+                except BaseException:
+                    self._final.unlink()  # all or nothing: the data goes again
+                    raise
+                attr_tmp = None
+            os.unlink(self._tmp)
+            self._done = True
+        finally:
+            if attr_tmp is not None:
+                attr_tmp.unlink(missing_ok=True)
+        fsync_dir(self._final.parent)  # one directory sync makes both names durable
+
+    async def commit(self, attr: bytes | None = None) -> None:
+        try:
+            await asyncio.to_thread(self._commit, attr)
         except OSError as exc:
             raise _translate(exc, "store the file") from exc
 

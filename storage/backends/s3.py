@@ -125,8 +125,10 @@ class S3Writer(Writer):
             self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": etag})
             self._inflight = None
 
-    async def commit(self) -> None:
-        """Single put or complete the upload.  :raises StoreUnavailable: also if the key exists"""
+    async def commit(self, attr: bytes | None = None) -> None:
+        """Single put or complete the upload, then the attr object if given.
+
+        :raises StoreUnavailable: also if the key exists"""
         if self._finished:
             raise StoreUnavailable("The upload was already committed or aborted")
         client, bucket = self._backend.client, self._backend.bucket
@@ -145,6 +147,8 @@ class S3Writer(Writer):
                     Bucket=bucket, Key=self._key, UploadId=self._upload_id,
                     MultipartUpload={"Parts": self._parts}, IfNoneMatch="*")
         self._finished, self._buf = True, io.BytesIO()
+        if attr is not None:
+            await self._backend.write_attr(self.relpath, attr)
 
     async def abort(self) -> None:
         """Cancel the part in flight, abort the upload; idempotent.  Never raises: a failed
