@@ -70,7 +70,7 @@ steps = [
         # ['image/', 'image0') whatever the database collation is.  Metadata filters are
         # jsonpath matches (`@@`): the jsonb_path_ops index finds {"project": "x"} through
         # one hashed entry, where 0001's jsonb_ops index intersects the posting lists of
-        # the key "project" (most rows) and the value "x" (30x slower at 1M rows).
+        # the key "project" (most rows) and the value "x" (3x slower at 1M rows).
         # Content type and size are strongly correlated (text is small, video large), so
         # "video/mp4, smallest first" walking the size index reads 830k rows (2.5 s):
         # hence the (content_type, file_size) index.
