@@ -5,8 +5,9 @@
     DATABASE_URL=postgresql://... python -m bench.search_bench --reuse
 
 Loads ``--rows`` realistic rows (bench/search_gen.py) through the repository layer
-into ``<prefix>_files`` of a freshly migrated prefix (``--reuse`` keeps a table that
-already holds exactly that many rows), runs ``VACUUM (ANALYZE)``, then times each query
+into ``<prefix>_files`` of a freshly migrated prefix (default ``sbench``; a prefix that
+already holds rows is rolled back and migrated again, i.e. its tables are DROPPED,
+unless ``--reuse`` finds exactly ``--rows`` rows), runs ``VACUUM (ANALYZE)``, then times each query
 as the endpoint runs it (``storage.search.run``: page + cursor + total, then the JSON
 response body) under concurrency 1 and 8, and prints a Markdown table with the index
 each query's page statement uses (from ``EXPLAIN (ANALYZE, BUFFERS)``).  ``--out``
