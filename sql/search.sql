@@ -53,8 +53,9 @@ EXPLAIN (FORMAT JSON) SELECT 1 FROM <prefix>_files WHERE {where}
 
 -- fragment: custom_plans
 -- Every search statement is planned for its actual values: a cached generic plan
--- cannot know whether a word matches ten rows or half the table.  Session-level:
--- the pool's RESET ALL undoes it when the connection is released.
+-- cannot know whether a word matches ten rows or half the table.  Session-level (no
+-- transaction round trips); repo_search marks the connection so the pool's reset
+-- undoes it on release.
 SELECT set_config('plan_cache_mode', 'force_custom_plan', false)
 
 -- filters (joined with AND) -------------------------------------------------------

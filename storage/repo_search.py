@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from .db import session_state_changed
 from .models import ElementState, FileMeta
 from .sql import Queries
 
@@ -23,7 +24,11 @@ PAGE_COLUMNS = tuple(c for c in FILE_COLUMNS if c != "metadata_json")
 
 
 async def use_custom_plans(conn: asyncpg.Connection, sql: str) -> None:
-    """Plan this connection's statements for their actual values until it is reset."""
+    """Plan this pooled connection's statements for their actual values until release.
+
+    A session setting: the connection is marked so the pool resets it when released.
+    """
+    session_state_changed(conn)
     await conn.execute(sql)
 
 

@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import repo_search, validate
-from .db import Db, session_state_changed
+from .db import Db
 from .errors import BadRequest
 from .models import FileMeta
 from .sql import SQL_DIR, render
@@ -508,10 +508,9 @@ async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) 
     """
     prefix = db.q.prefix
     async with db.pool.acquire() as conn:
-        # Session-level, without a transaction's two extra round trips: the pool's
-        # RESET ALL on release puts the connection back to normal.
+        # Session-level, without a transaction's two extra round trips; the connection
+        # is marked for the pool's reset on release (storage.db.session_state_changed).
         await repo_search.use_custom_plans(conn, custom_plans_statement(prefix))
-        session_state_changed(conn)
         rows = await repo_search.search_page(conn, *page_statement(prefix, p))
         more = len(rows) > p.limit
         rows = rows[:p.limit]

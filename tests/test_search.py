@@ -315,6 +315,15 @@ async def test_huge_texts_are_truncated_not_an_error(client, auth):
     assert await names(client, auth, q="w100000") == []  # beyond the indexed 20,000 chars
 
 
+async def test_the_custom_plan_setting_does_not_outlive_the_request(app_factory, auth):
+    client = await app_factory(db_pool_size=1)  # one connection: the search's own
+    await upload(client, auth(), b"s", "setting.txt")
+    assert await names(client, auth, q="setting") == ["setting.txt"]
+    pool = client.app[element_key].db.pool
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
+
+
 async def test_two_prefixes_never_see_each_others_rows(app_factory, auth):
     a = await app_factory()
     b = await app_factory()
