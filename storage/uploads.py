@@ -146,25 +146,40 @@ async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | No
 
 async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer,
                   chunks: AsyncIterator[bytes], reserved: int) -> None:
+    """Body → writer, reading the next chunk while the previous one is written."""
     cap = max_file_size(el)
-    body = aiter(chunks)
-    while True:
-        # Only the body read means "the client went away": a ConnectionError from the
-        # reservation below is the database (503), not an interrupted upload (400).
-        try:
-            chunk = await anext(body)
-        except StopAsyncIteration:
-            break
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            raise ClientGone(f"The upload was interrupted: {exc}") from None
-        if writer.size + len(chunk) > cap:
-            raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
-                                  headers={"Connection": "close"})
-        if writer.size + len(chunk) > reserved:
-            # A body of known length (multipart) never needs more than that length.
-            most = min(cap, spec.size_bound) if spec.size_bound else cap
-            reserved = await _grow(el, txid, reserved, writer.size + len(chunk), most)
-        await writer.write(chunk)
+    most = min(cap, spec.size_bound) if spec.size_bound else cap
+    body, received = aiter(chunks), 0
+    in_flight: asyncio.Future | None = None
+    try:
+        while True:
+            # Only the body read means "the client went away": a ConnectionError from
+            # the reservation below is the database (503), not an interrupted upload.
+            try:
+                chunk = await anext(body)
+            except StopAsyncIteration:
+                break
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                raise ClientGone(f"The upload was interrupted: {exc}") from None
+            received += len(chunk)
+            if received > cap:
+                raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
+                                      headers={"Connection": "close"})
+            if received > reserved:
+                # A body of known length (multipart) never needs more than that length.
+                reserved = await _grow(el, txid, reserved, received, most)
+            if in_flight is not None:
+                await in_flight  # one write at a time, in order
+            in_flight = asyncio.ensure_future(writer.write(chunk))
+        if in_flight is not None:
+            await in_flight
+            in_flight = None
+    finally:
+        if in_flight is not None and not in_flight.done():
+            # never let the writer be aborted under a running write
+            await asyncio.shield(asyncio.wait([in_flight]))
+        if in_flight is not None and in_flight.done() and not in_flight.cancelled():
+            in_flight.exception()  # retrieved: the error that matters is already raised
     if spec.declared_size is not None and writer.size != spec.declared_size:
         raise ClientGone(
             f"Received {writer.size} bytes but Content-Length announced {spec.declared_size}"
