@@ -147,7 +147,11 @@ JOIN <prefix>_files o ON o.storage_filename = u.storage_filename AND o.file_id <
 -- $1 scan start (database clock), $2 WAL horizon, $3 after this file id (keyset), $4 limit:
 -- rows the finished scan neither wrote nor verified and no write touched since — the
 -- candidates for removal (each is re-checked against the store before it goes)
-SELECT * FROM <prefix>_files f
+SELECT f.file_id, f.original_filename, f.storage_filename, f.file_size, f.content_type,
+       f.created_at, f.updated_at, f.cache_updated_at, f.cache_ttl_hours, f.created_by_id,
+       f.created_by_username, f.created_by_fullname, f.description, f.version,
+       f.storage_path, f.checksum, f.metadata_json
+FROM <prefix>_files f
 WHERE f.cache_updated_at < $1 AND f.file_id > $3
   AND NOT EXISTS (SELECT 1 FROM <prefix>_wal w
                   WHERE w.file_id = f.file_id
@@ -230,7 +234,10 @@ DELETE FROM <prefix>_cache_scan WHERE scan_id = $1;
 
 -- name: expired_rows_after
 -- $1 after this file id (keyset), $2 limit: expired cache rows in id order
-SELECT * FROM <prefix>_files
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json
+FROM <prefix>_files
 WHERE cache_updated_at + make_interval(hours => cache_ttl_hours) < now() AND file_id > $1
 ORDER BY file_id
 LIMIT $2;

@@ -9,15 +9,23 @@ INSERT INTO <prefix>_files (
     description, version, storage_path, checksum, metadata_json,
     cache_updated_at, cache_ttl_hours)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), $16)
-RETURNING *;
+RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json;
 
 -- name: get_file
 -- $1 file_id
-SELECT * FROM <prefix>_files WHERE file_id = $1;
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json
+FROM <prefix>_files WHERE file_id = $1;
 
 -- name: get_file_for_update
 -- $1 file_id: row-locks the file for a PATCH or DELETE (held until the transaction ends)
-SELECT * FROM <prefix>_files WHERE file_id = $1 FOR UPDATE;
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json
+FROM <prefix>_files WHERE file_id = $1 FOR UPDATE;
 
 -- name: file_exists
 -- $1 file_id
@@ -25,7 +33,10 @@ SELECT EXISTS (SELECT 1 FROM <prefix>_files WHERE file_id = $1);
 
 -- name: list_files
 -- $1 limit, $2 offset: newest first, file_id breaks ties
-SELECT * FROM <prefix>_files ORDER BY created_at DESC, file_id DESC LIMIT $1 OFFSET $2;
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json
+FROM <prefix>_files ORDER BY created_at DESC, file_id DESC LIMIT $1 OFFSET $2;
 
 -- name: update_file
 -- $1 file_id, $2 description (NULL keeps), $3 version (NULL keeps),
@@ -38,7 +49,9 @@ UPDATE <prefix>_files SET
     cache_updated_at = now(),
     cache_ttl_hours = $7
 WHERE file_id = $1
-RETURNING *;
+RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json;
 
 -- name: refresh_file
 -- $1 file_id, $2 original_filename, $3 file_size, $4 content_type, $5 description,
@@ -48,11 +61,16 @@ UPDATE <prefix>_files SET
     version = $6, created_at = $7, updated_at = $8, checksum = $9, metadata_json = $10,
     cache_updated_at = now(), cache_ttl_hours = $11
 WHERE file_id = $1
-RETURNING *;
+RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json;
 
 -- name: delete_file
 -- $1 file_id
-DELETE FROM <prefix>_files WHERE file_id = $1 RETURNING *;
+DELETE FROM <prefix>_files WHERE file_id = $1
+RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json;
 
 -- name: delete_expired_files
 -- no parameters: drop cache rows whose TTL has run out; returns the ids
@@ -84,7 +102,9 @@ WITH f AS (
         description, version, storage_path, checksum, metadata_json,
         cache_updated_at, cache_ttl_hours)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), $16)
-    RETURNING *
+    RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
+              updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+              created_by_fullname, description, version, storage_path, checksum, metadata_json
 ), w AS (
     UPDATE <prefix>_wal SET
         status = 'committed',
@@ -95,4 +115,4 @@ WITH f AS (
     WHERE transaction_id = $17 AND status = 'pending'
     RETURNING transaction_id
 )
-SELECT f.*, (SELECT count(*) FROM w) AS wal_committed FROM f;
+SELECT f.*, (SELECT count(*) FROM w) AS wal_committed FROM f;  -- f has the columns above
