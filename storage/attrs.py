@@ -330,7 +330,8 @@ def migrate_v1_to_v2(d: Mapping[str, Any], path: str = "") -> dict[str, Any]:
     return from_dict(d, path).to_dict()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, making the names created or renamed in it durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -358,7 +359,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_file(path: Path) -> AttrDoc:

@@ -148,9 +148,9 @@ class TracedWriter:
     async def write(self, chunk: bytes) -> None:
         await self._inner.write(chunk)
 
-    async def commit(self) -> None:
+    async def commit(self, attr: bytes | None = None) -> None:
         try:
-            await self._inner.commit()
+            await self._inner.commit(attr)
         except BaseException:
             self._finish(False)
             raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import attrs
+from ..attrs import fsync_dir
 from ..config import Config
 from .base import (
     ATTR_SUFFIX,
@@ -38,14 +39,6 @@ def _translate(exc: OSError, what: str) -> Exception:
     if exc.errno in _SPACE_ERRNOS:
         return NoSpace(f"Not enough storage space to {what}")
     return StoreUnavailable(f"Storage error while trying to {what}: {exc.strerror or exc}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def makedirs_durable(path: Path, root: Path) -> None:
