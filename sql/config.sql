@@ -1,7 +1,3 @@
--- name: capacity_lock
--- no parameters: serialises capacity reservations of one element across processes
-SELECT pg_advisory_xact_lock(hashtext('<prefix>_capacity'));
-
 -- name: capacity_usage
 -- no parameters: committed bytes and bytes reserved by uploads in flight
 SELECT c.total_size_bytes AS used,

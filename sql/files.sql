@@ -27,10 +27,6 @@ SELECT file_id, original_filename, storage_filename, file_size, content_type, cr
        created_by_fullname, description, version, storage_path, checksum, metadata_json
 FROM <prefix>_files WHERE file_id = $1 FOR UPDATE;
 
--- name: file_exists
--- $1 file_id
-SELECT EXISTS (SELECT 1 FROM <prefix>_files WHERE file_id = $1);
-
 -- name: list_files
 -- $1 limit, $2 offset: newest first, file_id breaks ties
 SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
@@ -71,26 +67,6 @@ DELETE FROM <prefix>_files WHERE file_id = $1
 RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
        updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
        created_by_fullname, description, version, storage_path, checksum, metadata_json;
-
--- name: delete_expired_files
--- no parameters: drop cache rows whose TTL has run out; returns the ids
-DELETE FROM <prefix>_files
-WHERE cache_updated_at + make_interval(hours => cache_ttl_hours) < now()
-RETURNING file_id;
-
--- name: expired_file_ids
--- $1 limit
-SELECT file_id FROM <prefix>_files
-WHERE cache_updated_at + make_interval(hours => cache_ttl_hours) < now()
-ORDER BY file_id LIMIT $1;
-
--- name: count_expired_files
-SELECT count(*) FROM <prefix>_files
-WHERE cache_updated_at + make_interval(hours => cache_ttl_hours) < now();
-
--- name: all_file_ids
--- no parameters: every id, for consistency checks (streamed with a cursor)
-SELECT file_id FROM <prefix>_files;
 
 -- name: finish_create
 -- $1..$16 as insert_file, $17 transaction_id, $18 WAL result, $19 completed_at:

@@ -28,27 +28,6 @@ UPDATE <prefix>_wal SET
 WHERE transaction_id = $1 AND status = 'pending'
 RETURNING transaction_id;
 
--- name: set_reservation
--- $1 transaction_id, $2 reserved_bytes (call under capacity_lock after checking usage)
-UPDATE <prefix>_wal SET reserved_bytes = $2
-WHERE transaction_id = $1 AND status = 'pending'
-RETURNING transaction_id;
-
--- name: get_wal
--- $1 transaction_id
-SELECT * FROM <prefix>_wal WHERE transaction_id = $1;
-
--- name: pending_wal
--- $1 started before: pending rows older than this, oldest first
-SELECT * FROM <prefix>_wal WHERE status = 'pending' AND started_at < $1 ORDER BY started_at;
-
--- name: wal_for_file
--- $1 file_id
-SELECT * FROM <prefix>_wal WHERE file_id = $1 ORDER BY started_at;
-
--- name: count_pending_wal
-SELECT count(*) FROM <prefix>_wal WHERE status = 'pending';
-
 -- name: purge_wal
 -- $1 cutoff: finished rows completed before it are deleted
 DELETE FROM <prefix>_wal WHERE status <> 'pending' AND completed_at < $1;

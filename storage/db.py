@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -59,10 +58,3 @@ async def close_db(db: Db, timeout: float = 10) -> None:
         await asyncio.wait_for(db.pool.close(), timeout)
     except TimeoutError:
         db.pool.terminate()
-
-
-async def stream(db: Db, sql: str, *args, prefetch: int = 1000) -> AsyncIterator[asyncpg.Record]:
-    """Iterate a large result with a server-side cursor (bounded memory)."""
-    async with db.pool.acquire() as conn, conn.transaction(readonly=True):
-        async for rec in conn.cursor(sql, *args, prefetch=prefetch):
-            yield rec

@@ -55,10 +55,6 @@ async def lock_file(conn: asyncpg.Connection, q: Queries, file_id: uuid.UUID) ->
     return FileMeta.from_record(rec) if rec else None
 
 
-async def file_exists(db: Db, file_id: uuid.UUID) -> bool:
-    return await db.pool.fetchval(db.q.file_exists, file_id)
-
-
 async def list_files(db: Db, limit: int, offset: int) -> list[FileMeta]:
     return [FileMeta.from_record(r) for r in await db.pool.fetch(db.q.list_files, limit, offset)]
 
@@ -110,10 +106,6 @@ async def rollback_wal(conn: Conn, q: Queries, txid: uuid.UUID, error: str,
     return await conn.fetchval(q.rollback_wal, txid, error[:4000], at) is not None
 
 
-async def set_reservation(conn: Conn, q: Queries, txid: uuid.UUID, reserved: int) -> bool:
-    return await conn.fetchval(q.set_reservation, txid, reserved) is not None
-
-
 @dataclass(frozen=True, slots=True)
 class Reservation:
     status: str  # ok | exists | capacity | disk | gone
@@ -134,33 +126,12 @@ async def reserve(
     return Reservation(rec["status"], rec["used"] or 0, rec["reserved"] or 0)
 
 
-async def get_wal(db: Db, txid: uuid.UUID) -> WalEntry | None:
-    rec = await db.pool.fetchrow(db.q.get_wal, txid)
-    return WalEntry.from_record(rec) if rec else None
-
-
-async def pending_wal(db: Db, before: datetime) -> list[WalEntry]:
-    return [WalEntry.from_record(r) for r in await db.pool.fetch(db.q.pending_wal, before)]
-
-
-async def wal_for_file(db: Db, file_id: uuid.UUID) -> list[WalEntry]:
-    return [WalEntry.from_record(r) for r in await db.pool.fetch(db.q.wal_for_file, file_id)]
-
-
-async def count_pending_wal(db: Db) -> int:
-    return await db.pool.fetchval(db.q.count_pending_wal)
-
-
 async def purge_wal(db: Db, cutoff: datetime) -> int:
     status = await db.pool.execute(db.q.purge_wal, cutoff)
     return int(status.split()[-1])
 
 
 # element state --------------------------------------------------------------------------
-
-
-async def capacity_lock(conn: asyncpg.Connection, q: Queries) -> None:
-    await conn.execute(q.capacity_lock)
 
 
 async def capacity_usage(conn: Conn, q: Queries) -> tuple[int, int, int]:

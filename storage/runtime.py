@@ -17,7 +17,6 @@ class Runtime:
     started: bool = False
     recovering: bool = False
     stopping: bool = False
-    inflight_uploads: set[asyncio.Task] = field(default_factory=set)
     active_requests: int = 0  # requests inside the handlers (graceful shutdown waits for 0)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
