@@ -83,4 +83,10 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
 
 def serve(app: web.Application, config: Config, *, reuse_port: bool = False) -> None:
     """Run ``app`` until SIGTERM/SIGINT, then shut down as described above."""
+    import os
+    if os.environ.get("XUVLOOP"):
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            r.run(_serve(app, config, reuse_port))
+        return
     asyncio.run(_serve(app, config, reuse_port))

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
 MIN_RESERVATION = 1024 * 1024  # first reservation step for bodies of unknown length
 FORM_ALLOWANCE = 64 * 1024  # multipart framing and form fields, beyond the file itself
+# A piece up to this size is held back: if it is the body's last, the writer may hash it on
+# the loop and write it together with the commit (a small upload: one executor hop).
+DEFER_MAX = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -94,8 +97,10 @@ def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
     """The attr.json bytes for ``meta``; :raises BadRequest: when over 4096 bytes."""
     try:
         doc = attrmeta.to_doc(meta, extra)
-        attrs.check_size(doc)
-        return attrs.dumps(doc)
+        data = attrs.dumps(doc)
+        if len(data) > attrs.MAX_ATTR_SIZE:
+            attrs.check_size(doc)  # raises, naming the field that contributes most
+        return data
     except attrs.AttrError as exc:
         raise BadRequest(exc.reason) from None
 
@@ -151,6 +156,7 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
     most = min(cap, spec.size_bound) if spec.size_bound else cap
     body, received = aiter(chunks), 0
     in_flight: asyncio.Future | None = None
+    held: bytes | None = None  # a small piece that may turn out to be the last
     try:
         while True:
             # Only the body read means "the client went away": a ConnectionError from
@@ -168,12 +174,19 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
             if received > reserved:
                 # A body of known length (multipart) never needs more than that length.
                 reserved = await _grow(el, txid, reserved, received, most)
+            if held is not None:  # not the last piece after all
+                chunk, held = held + chunk, None
+            if len(chunk) <= DEFER_MAX:
+                held = chunk  # small: likely the last piece, see below
+                continue
             if in_flight is not None:
                 await in_flight  # one write at a time, in order
             in_flight = asyncio.ensure_future(writer.write(chunk))
         if in_flight is not None:
             await in_flight
             in_flight = None
+        if held is not None and not writer.defer(held):
+            await writer.write(held)  # else it is written by commit, in the same hop
     finally:
         if in_flight is not None and not in_flight.done():
             # never let the writer be aborted under a running write

@@ -84,6 +84,11 @@ class Writer(abc.ABC):
     async def write(self, chunk: bytes) -> None:
         """Append ``chunk`` and hash it.  :raises NoSpace: / StoreUnavailable:"""
 
+    def defer(self, chunk: bytes) -> bool:
+        """Offer the body's last piece: a writer may hash it now and write it in
+        :meth:`commit` (saving a round of its own).  False: call :meth:`write`."""
+        return False
+
     @abc.abstractmethod
     async def commit(self, attr: bytes | None = None) -> None:
         """Make the object durable and visible at ``relpath`` atomically.
