@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -125,12 +124,11 @@ async def time_case(db: Db, case: Case, concurrency: int, requests: int,
     level "db": :func:`statements_only`.
     """
     params = search.parse_params(MultiDict(case.params))
-    with_rank = params.q is not None
     samples: list[float] = []
 
     async def endpoint() -> None:
         result = await search.run(db, params)
-        json.dumps(result.to_response(with_rank), default=str)
+        result.body()
 
     async def statements() -> None:
         await statements_only(db, params)
@@ -258,8 +256,9 @@ def render(prefix: str, rows: int, load_s: float, results: list[dict[str, Any]],
         "sharing a pool of 8 connections. p50 / p99 in ms; target: p99 < "
         f"{TARGET_P99_MS:.0f} ms.",
         "",
-        "- **endpoint**: `storage.search.run` (page of up to 100 rows decoded into "
-        "FileMeta, next_cursor, total) and the JSON body, as the handler does.",
+        "- **endpoint**: `storage.search.run` (page of up to 100 files as JSON text "
+        "rendered by PostgreSQL, next_cursor, total) and the response body, as the "
+        "handler does.",
         "- **db**: the same statements with the rows left undecoded: what PostgreSQL "
         "costs.",
         "",

@@ -51,6 +51,43 @@ SELECT count(*) FROM (SELECT 1 FROM <prefix>_files WHERE {where} LIMIT :cap) AS 
 -- fragment: estimate
 EXPLAIN (FORMAT JSON) SELECT 1 FROM <prefix>_files WHERE {where}
 
+-- fragment: response
+-- The page as PostgreSQL renders it: per row the FileMetadataResponse JSON text (what
+-- FileMeta.to_response() gives, timestamps as Python's isoformat(): UTC, "+00:00",
+-- microseconds only when not zero), then the row's sort key and file_id for the cursor.
+-- A plain projection over the ordered, limited page keeps its order.  Building the JSON
+-- here costs PostgreSQL ~0.3 ms per 100 rows and saves the one Python process ~1.4 ms
+-- of decoding rows, building dicts and json.dumps (bench/search_bench.py).
+SELECT json_build_object(
+           'file_id', file_id,
+           'original_filename', original_filename,
+           'storage_filename', storage_filename,
+           'file_size', file_size,
+           'content_type', content_type,
+           'created_at', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+               || CASE WHEN date_trunc('second', created_at) = created_at THEN ''
+                       ELSE to_char(created_at AT TIME ZONE 'UTC', '.US') END || '+00:00',
+           'created_by_username', created_by_username,
+           'created_by_fullname', created_by_fullname,
+           'description', description,
+           'version', version,
+           'storage_path', storage_path,
+           'checksum', checksum,
+           'cache_updated_at',
+               to_char(cache_updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+               || CASE WHEN date_trunc('second', cache_updated_at) = cache_updated_at THEN ''
+                       ELSE to_char(cache_updated_at AT TIME ZONE 'UTC', '.US') END
+               || '+00:00',
+           'cache_ttl_hours', cache_ttl_hours,
+           'cache_expired', now()
+               > cache_updated_at + make_interval(hours => cache_ttl_hours)
+           {rank})::text AS item,
+       {key} AS sort_key, file_id
+FROM ({page}) AS page
+
+-- fragment: rank_item
+, 'search_rank', search_rank
+
 -- fragment: custom_plans
 -- Every search statement is planned for its actual values: a cached generic plan
 -- cannot know whether a word matches ten rows or half the table.  Session-level (no

@@ -8,6 +8,7 @@ PostgreSQL as for any other insert.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import fields
 from datetime import datetime
@@ -20,7 +21,6 @@ from .models import ElementState, FileMeta
 from .sql import Queries
 
 FILE_COLUMNS = tuple(f.name for f in fields(FileMeta))
-PAGE_COLUMNS = tuple(c for c in FILE_COLUMNS if c != "metadata_json")
 
 
 async def use_custom_plans(conn: asyncpg.Connection, sql: str) -> None:
@@ -33,10 +33,9 @@ async def use_custom_plans(conn: asyncpg.Connection, sql: str) -> None:
 
 
 async def search_page(conn: asyncpg.Connection, sql: str,
-                      args: list[Any]) -> list[tuple[FileMeta, float | None]]:
-    """Rows of a ``page_statement``: every FileMeta field but ``metadata_json``, and the rank."""
-    rows = await conn.fetch(sql, *args)
-    return [(FileMeta(**{c: r[c] for c in PAGE_COLUMNS}), r["search_rank"]) for r in rows]
+                      args: list[Any]) -> list[tuple[str, Any, uuid.UUID]]:
+    """Rows of a ``page_statement``: (FileMetadataResponse JSON text, sort key, file_id)."""
+    return [tuple(r) for r in await conn.fetch(sql, *args)]
 
 
 async def count_matches(conn: asyncpg.Connection, sql: str, args: list[Any]) -> int:

@@ -41,7 +41,6 @@ from typing import Any
 from . import repo_search, validate
 from .db import Db
 from .errors import BadRequest
-from .models import FileMeta
 from .sql import SQL_DIR, render
 
 DEFAULT_LIMIT = 100
@@ -450,7 +449,10 @@ def page_statement(prefix: str, p: SearchParams) -> tuple[str, list[Any]]:
                                  after_id=p.cursor.file_id, **sort_values))
     order = st.use(p.sort.order, **sort_values)
     skeleton = st.use("page", limit=p.limit + 1)
-    return _fill(skeleton, select=select, where=_where(st, conditions), order=order), st.args
+    page = _fill(skeleton, select=select, where=_where(st, conditions), order=order)
+    response = _fill(st.use("response"), rank=st.use("rank_item") if p.q else "",
+                     key=p.sort.column)  # a column name from SORTS, never request text
+    return _fill(response, page=page), st.args
 
 
 def count_statement(prefix: str, p: SearchParams, cap: int) -> tuple[str, list[Any]]:
@@ -483,20 +485,20 @@ def explain_analyze_statement(prefix: str, statement: str) -> str:
 
 @dataclass(slots=True)
 class SearchResult:
-    files: list[tuple[FileMeta, float | None]]
+    files: list[str]  # each a FileMetadataResponse as JSON text, rendered by PostgreSQL
     next_cursor: str | None
     total: int
     total_is_estimate: bool
 
-    def to_response(self, with_rank: bool) -> dict[str, Any]:
-        files = []
-        for meta, rank in self.files:
-            item = meta.to_response()
-            if with_rank:
-                item["search_rank"] = rank
-            files.append(item)
-        return {"files": files, "next_cursor": self.next_cursor, "total": self.total,
-                "total_is_estimate": self.total_is_estimate}
+    def body(self) -> str:
+        """The response body: ``{"files": [...], "next_cursor", "total", "total_is_estimate"}``
+        (the files are spliced in as PostgreSQL wrote them, never re-parsed)."""
+        tail = json.dumps({"next_cursor": self.next_cursor, "total": self.total,
+                           "total_is_estimate": self.total_is_estimate})
+        return '{"files": [' + ", ".join(self.files) + "], " + tail[1:]
+
+    def to_response(self) -> dict[str, Any]:
+        return json.loads(self.body())
 
 
 async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) -> SearchResult:
@@ -514,20 +516,14 @@ async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) 
         rows = await repo_search.search_page(conn, *page_statement(prefix, p))
         more = len(rows) > p.limit
         rows = rows[:p.limit]
-        cursor = encode_cursor(p.sort, _sort_key(p.sort, rows[-1]), rows[-1][0].file_id) \
-            if more else None
+        cursor = encode_cursor(p.sort, rows[-1][1], rows[-1][2]) if more else None
         if p.cursor is None and not more:
             total, estimated = len(rows), False  # the whole result is on this page
         elif not p.filtered:
             total, estimated = await repo_search.total_files(conn, db.q), False
         else:
             total, estimated = await _total(conn, prefix, p, exact_limit)
-    return SearchResult(rows, cursor, total, estimated)
-
-
-def _sort_key(sort: Sort, row: tuple[FileMeta, float | None]) -> Any:
-    meta, rank = row
-    return rank if sort.column == "search_rank" else getattr(meta, sort.column)
+    return SearchResult([r[0] for r in rows], cursor, total, estimated)
 
 
 async def _total(conn, prefix: str, p: SearchParams, limit: int) -> tuple[int, bool]:

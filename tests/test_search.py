@@ -315,6 +315,31 @@ async def test_rebuild_restores_the_document_of_a_lost_row(client, auth):
         assert await names(client, auth, q=q) == ["rebuilt-2031.bin"], q
 
 
+async def test_items_rendered_by_postgres_equal_the_metadata_endpoint(client, auth):
+    """The search page's JSON is written by PostgreSQL: every key and value (timestamps
+    with and without microseconds, nulls, Unicode, an expired cache entry) must read back
+    exactly as the Python-rendered FileMetadataResponse of the same row."""
+    a = await upload(client, auth(), b"x", "Отчёт \"2031\"\\tab\t.txt", description="ünï ☃")
+    b = await upload(client, auth(), b"y", "plain-2031.bin")
+    el = client.app[element_key]
+    await el.db.pool.execute(  # whole seconds, and an entry expired long ago
+        f"UPDATE {el.config.table_prefix}_files SET created_at = date_trunc('second', "
+        "created_at), cache_updated_at = '2001-02-03 04:05:06+00' WHERE file_id = $1",
+        uuid.UUID(b["file_id"]))
+    for params in ({"q": "2031"}, {"created_by": "tester"}, {}):
+        page = await find(client, auth, **params)
+        assert {f["file_id"] for f in page["files"]} >= {a["file_id"], b["file_id"]}, params
+        for item in page["files"]:
+            # the row as the metadata endpoint renders it (without its lazy refresh)
+            meta = await repo.get_file(el.db, uuid.UUID(item["file_id"]))
+            expected = json.loads(json.dumps(meta.to_response()))
+            if "q" in params:
+                assert isinstance(item.pop("search_rank"), float)
+            assert item == expected
+    raw = await (await client.get(SEARCH, params={"q": "plain"}, headers=auth())).text()
+    assert '"cache_expired" : true' in raw and ':06+00:00"' in raw
+
+
 async def test_huge_texts_are_truncated_not_an_error(client, auth):
     # The API caps an attr document at 4 KiB; rows written by other paths (a rebuild from
     # old attr files, an import) are not, and must not fail on the 1 MiB tsvector limit.

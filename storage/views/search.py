@@ -39,4 +39,4 @@ async def search_files(request: web.Request) -> web.Response:
                          "page with cursor=<next_cursor> instead")
     params = search.parse_params(request.query)
     result = await search.run(element(request).db, params)
-    return web.json_response(result.to_response(with_rank=params.q is not None))
+    return web.Response(text=result.body(), content_type="application/json")
