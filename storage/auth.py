@@ -60,6 +60,9 @@ def invalid_token(detail: str = "Invalid or expired token") -> Unauthorized:
     return Unauthorized(detail, headers=_INVALID_HEADERS)
 
 
+_UNSEEN = object()
+
+
 class Authenticator:
     """Verifies bearer tokens against the configured PEM file and/or JWKS URL.
 
@@ -77,6 +80,7 @@ class Authenticator:
         self.leeway = config.jwt_leeway_seconds
         self.issuer, self.audience = config.jwt_issuer, config.jwt_audience
         self._verified: dict[tuple[str, int], tuple[rsa.RSAPublicKey, dict[str, Any]]] = {}
+        self._kids: dict[str, str | None] = {}  # header kid of tokens verified before
 
     async def start(self) -> None:
         if self.jwks is not None:
@@ -102,16 +106,25 @@ class Authenticator:
         return to_identity(claims)
 
     async def _decode(self, token: str) -> dict[str, Any]:
-        kid = jwt.get_unverified_header(token).get("kid") or None  # pyjwt insists on a str
+        kid = self._kids.get(token, _UNSEEN)  # a verified token's header is not parsed again
+        if kid is _UNSEEN:
+            kid = jwt.get_unverified_header(token).get("kid") or None  # pyjwt wants a str
         keys = await self._candidate_keys(kid)
         if not keys:
             raise jwt.InvalidKeyError(f"no key for kid {kid!r}")
         for key in keys[:-1]:
             try:
-                return self._decode_with(token, key)
+                claims = self._decode_with(token, key)
+                break
             except jwt.InvalidSignatureError:
                 continue
-        return self._decode_with(token, keys[-1])
+        else:
+            claims = self._decode_with(token, keys[-1])
+        if token not in self._kids:
+            if len(self._kids) >= VERIFIED_CACHE_SIZE:
+                self._kids.pop(next(iter(self._kids)))
+            self._kids[token] = kid
+        return claims
 
     async def _candidate_keys(self, kid: str | None) -> list[rsa.RSAPublicKey]:
         now = self.clock()
