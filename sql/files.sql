@@ -27,13 +27,6 @@ SELECT file_id, original_filename, storage_filename, file_size, content_type, cr
        created_by_fullname, description, version, storage_path, checksum, metadata_json
 FROM <prefix>_files WHERE file_id = $1 FOR UPDATE;
 
--- name: list_files
--- $1 limit, $2 offset: newest first, file_id breaks ties
-SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
-       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
-       created_by_fullname, description, version, storage_path, checksum, metadata_json
-FROM <prefix>_files ORDER BY created_at DESC, file_id DESC LIMIT $1 OFFSET $2;
-
 -- name: update_file
 -- $1 file_id, $2 description (NULL keeps), $3 version (NULL keeps),
 -- $4 metadata_json, $5 replace metadata?, $6 updated_at, $7 cache_ttl_hours

@@ -44,6 +44,10 @@ FROM <prefix>_files
 -- fragment: page
 {select} WHERE {where} ORDER BY {order} LIMIT :limit
 
+-- fragment: page_offset
+-- the legacy list's skip/limit page (GET /api/v1/files without search parameters)
+{select} WHERE {where} ORDER BY {order} LIMIT :limit OFFSET :skip
+
 -- fragment: count
 -- reads at most :cap matching rows
 SELECT count(*) FROM (SELECT 1 FROM <prefix>_files WHERE {where} LIMIT :cap) AS capped

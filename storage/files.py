@@ -165,10 +165,3 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | N
         await _rollback(el, txid, exc, storage_changed=files_removed)
         raise
     return meta
-
-
-async def page(el: Element, limit: int, offset: int) -> tuple[list[FileMeta], int]:
-    """One page of the legacy list, newest first, and the total (an O(1) counter)."""
-    rows = await repo.list_files(el.db, limit, offset)
-    state = await repo.get_state(el.db)
-    return rows, state.total_files

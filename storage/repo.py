@@ -55,10 +55,6 @@ async def lock_file(conn: asyncpg.Connection, q: Queries, file_id: uuid.UUID) ->
     return FileMeta.from_record(rec) if rec else None
 
 
-async def list_files(db: Db, limit: int, offset: int) -> list[FileMeta]:
-    return [FileMeta.from_record(r) for r in await db.pool.fetch(db.q.list_files, limit, offset)]
-
-
 async def update_file(
     conn: Conn, q: Queries, file_id: uuid.UUID, *, description: str | None,
     version: str | None, metadata: dict[str, Any] | None, replace_metadata: bool,

@@ -455,6 +455,25 @@ def page_statement(prefix: str, p: SearchParams) -> tuple[str, list[Any]]:
     return _fill(response, page=page), st.args
 
 
+def legacy_page_statement(prefix: str, limit: int, skip: int) -> tuple[str, list[Any]]:
+    """The legacy list's page (newest first, skip/limit), rendered like a search page."""
+    st = Statement(prefix)
+    order = SORTS["-created_at"]
+    page = _fill(st.use("page_offset", limit=limit, skip=skip), select=st.use("select"),
+                 where=st.use("all_rows"), order=st.use(order.order))
+    response = _fill(st.use("response"), rank="", key=order.column)
+    return _fill(response, page=page), st.args
+
+
+async def legacy_page(db: Db, limit: int, skip: int) -> str:
+    """``{"total": n, "files": [...]}`` of the legacy list; total is the O(1) file counter."""
+    async with db.pool.acquire() as conn:
+        rows = await repo_search.search_page(conn, *legacy_page_statement(db.q.prefix, limit,
+                                                                           skip))
+        total = await repo_search.total_files(conn, db.q)
+    return f'{{"total": {int(total)}, "files": [' + ", ".join(r[0] for r in rows) + "]}"
+
+
 def count_statement(prefix: str, p: SearchParams, cap: int) -> tuple[str, list[Any]]:
     """``count(*)`` of the matches, reading at most ``cap`` rows."""
     st = Statement(prefix)

@@ -326,8 +326,11 @@ async def test_items_rendered_by_postgres_equal_the_metadata_endpoint(client, au
         f"UPDATE {el.config.table_prefix}_files SET created_at = date_trunc('second', "
         "created_at), cache_updated_at = '2001-02-03 04:05:06+00' WHERE file_id = $1",
         uuid.UUID(b["file_id"]))
-    for params in ({"q": "2031"}, {"created_by": "tester"}, {}):
+    legacy = {"path": "/api/v1/files", "skip": "0", "limit": "100"}  # skip/limit list
+    for params in ({"q": "2031"}, {"created_by": "tester"}, {}, legacy):
         page = await find(client, auth, **params)
+        if params is legacy:
+            assert list(page) == ["total", "files"] and page["total"] == len(page["files"])
         assert {f["file_id"] for f in page["files"]} >= {a["file_id"], b["file_id"]}, params
         for item in page["files"]:
             # the row as the metadata endpoint renders it (without its lazy refresh)
