@@ -61,6 +61,15 @@ def text(value: Any, name: str, *, max_len: int, allow_none: bool = True) -> str
     return value
 
 
+def filename(value: Any) -> str | None:
+    """An upload's original filename: :func:`text`, and not a bare ``.`` or ``..``
+    (reliability guide B.2: a name that means a directory is refused, not rewritten)."""
+    name = text(value, "filename", max_len=500)
+    if name is not None and name.strip() in (".", ".."):
+        raise BadRequest(f"filename {name.strip()!r} is not a file name")
+    return name
+
+
 _MEDIA_TYPE = re.compile(
     r"[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+*-]{1,127}"
     r"(?:\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(?:[A-Za-z0-9!#$&^_.+-]+|\"[\x20-\x21\x23-\x7e]*\"))*"

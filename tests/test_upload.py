@@ -141,7 +141,7 @@ async def test_two_file_parts_are_refused_and_nothing_stays(client, auth, config
 
 
 @pytest.mark.parametrize("name", [
-    "../../etc/passwd", "..", "/abs/path.txt", "a\\..\\b.txt", "nul\x00byte.txt",
+    "../../etc/passwd", "..", ".", " .. ", "/abs/path.txt", "a\\..\\b.txt", "nul\x00byte.txt",
     "ctrl\x01\x1f.txt", "x" * 496 + ".txt", "о" * 200 + ".txt", "🙂" * 120, "%2e%2e%2f.txt",
     "tab\tname.txt", "a" * 200 + ".verylongextension_that_is_not_one",
 ])
@@ -151,6 +151,14 @@ async def test_hostile_names_stay_inside_the_storage_root(client, auth, config, 
     body = await resp.json()
     if "\x00" in name or "\x01" in name:  # refused while parsing the part headers
         assert resp.status == 400 and body["detail"]
+        assert await stored_objects(config) == []
+        return
+    if name.strip() in (".", ".."):  # a directory's name, not a file's (guide B.2)
+        assert resp.status == 400 and "is not a file name" in body["detail"], body
+        assert await stored_objects(config) == []
+        resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", params={"filename": name},
+                                data=b"data", headers=auth())
+        assert resp.status == 400 and "is not a file name" in (await resp.json())["detail"]
         assert await stored_objects(config) == []
         return
     assert resp.status == 201, body
