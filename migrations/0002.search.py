@@ -3,7 +3,8 @@
 Upgrades an existing ``<prefix>_files`` in place: ``ADD COLUMN … GENERATED ALWAYS AS
 … STORED`` rewrites the table once under an exclusive lock (about a minute per
 million rows), after which PostgreSQL keeps the document correct on every INSERT
-and UPDATE — upload, PATCH, lazy refresh and cache rebuild alike.
+and UPDATE — upload, PATCH, lazy refresh and cache rebuild alike (0006.lean_writes
+keeps the stored values and computes the document in a trigger instead).
 
 The document (see storage/search.py for the query side, which must tokenise the same way):
 - ``-_./\\`` become spaces first, so ``report-2025.pdf`` yields ``report``, ``2025``

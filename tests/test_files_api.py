@@ -140,6 +140,8 @@ async def test_missing_data_file_is_404_before_headers(client, auth, stored, con
     await drop_data_object(config, relpath(meta))
     resp = await client.get(url(stored, "/download"), headers=auth())
     assert resp.status == 404 and "missing" in (await resp.json())["detail"]
+    resp = await client.head(url(stored, "/download"), headers=auth())  # reads no body
+    assert resp.status == 404
 
 
 @BOTH_BACKENDS

@@ -215,19 +215,27 @@ async def test_capacity_comes_from_the_database_not_the_bucket(app_factory, auth
 
 
 class VanishingBackend(S3Backend):
-    """A real S3 backend where another node deletes the object right after ``open``'s HEAD."""
+    """A real S3 backend where another node deletes the object right after ``open``."""
 
-    async def open(self, relpath: str):
-        reader = await super().open(relpath)
+    async def open(self, relpath: str, **kwargs):
+        reader = await super().open(relpath, **kwargs)
         await self.delete(relpath)
         return reader
+
+
+class CountingHeads(S3Backend):
+    heads = 0
+
+    async def _head(self, key: str):
+        type(self).heads += 1
+        return await super()._head(key)
 
 
 class VanishingAfterFirstRange(S3Backend):
     """A real S3 backend where the object is deleted once the first range was streamed."""
 
-    async def open(self, relpath: str):
-        reader = await super().open(relpath)
+    async def open(self, relpath: str, **kwargs):
+        reader = await super().open(relpath, **kwargs)
         backend = self
 
         class Reader(S3Reader):
@@ -261,6 +269,20 @@ async def test_object_deleted_after_open_is_a_clean_404(client, auth, config, sw
     assert resp.status == 404, await resp.text()
     body = await resp.json()
     assert "missing" in body["detail"] and "Content-Range" not in resp.headers
+
+
+async def test_a_download_is_one_get_without_a_head(client, auth, swap_backend):
+    data = random_bytes(100_000)
+    fid = (await upload(client, auth(), data))["file_id"]
+    swap_backend(CountingHeads)
+    CountingHeads.heads = 0
+    resp = await client.get(url(fid, "/download"), headers=auth())
+    assert resp.status == 200 and await resp.read() == data
+    resp = await client.get(url(fid, "/download"), headers={**auth(), "Range": "bytes=10-19,-5"})
+    assert resp.status == 206 and data[10:20] in await resp.read()
+    assert CountingHeads.heads == 0  # the first ranged GET checked existence and size
+    resp = await client.head(url(fid, "/download"), headers=auth())
+    assert resp.status == 200 and CountingHeads.heads == 1  # no body read: a lookup
 
 
 async def test_failure_after_the_headers_cuts_the_connection(client, auth, config,

@@ -32,6 +32,10 @@ class StoreUnavailable(Unavailable):
     """The store cannot be reached or is not writable."""
 
 
+class SizeMismatch(StoreUnavailable):
+    """The stored object's size is not the size it was opened with (see Backend.open)."""
+
+
 class Hasher:
     """Running sha256 (and md5 once enabled) and byte count of what was written.
 
@@ -151,8 +155,12 @@ class Backend(abc.ABC):
         is stored with the object where the store keeps one (S3), else ignored."""
 
     @abc.abstractmethod
-    async def open(self, relpath: str) -> Reader:
-        """:raises ObjectMissing: when the data object does not exist."""
+    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
+        """:raises ObjectMissing: when the data object does not exist.
+
+        With ``expect_size`` a backend whose lookups cost a round trip (S3) may skip the
+        lookup: ``info.size`` is then ``expect_size``, and the first read raises
+        ObjectMissing or :class:`SizeMismatch` instead of returning other bytes."""
 
     @abc.abstractmethod
     async def read_attr(self, relpath: str) -> bytes:

@@ -314,7 +314,8 @@ class LocalBackend(Backend):
                content_type: str | None = None) -> Writer:
         return LocalWriter(self, relpath)  # a file has no content type; the attr keeps it
 
-    async def open(self, relpath: str) -> Reader:
+    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
+        # an open() and an fstat() cost no round trip: expect_size is not needed here
         path = self.path(relpath)
 
         def _open():

@@ -30,6 +30,7 @@ from .base import (
     ObjectInfo,
     ObjectMissing,
     Reader,
+    SizeMismatch,
     StoreUnavailable,
     Writer,
 )
@@ -170,10 +171,23 @@ class S3Writer(Writer):
 
 
 class S3Reader(Reader):
-    """An object at a unique key (commits never overwrite); each range is one GET."""
+    """An object at a unique key (commits never overwrite); each range is one GET.
 
-    def __init__(self, backend: S3Backend, key: str, info: ObjectInfo) -> None:
+    Opened without a HEAD (``verify``), the first GET checks the object's total size in
+    its Content-Range against ``info.size``.
+    """
+
+    def __init__(self, backend: S3Backend, key: str, info: ObjectInfo, *,
+                 verify: bool = False) -> None:
         self._backend, self._key, self.info = backend, key, info
+        self._verify = verify
+
+    def _check_size(self, resp: dict[str, Any]) -> None:
+        total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+        if total != str(self.info.size):
+            raise SizeMismatch(f"Stored object {self._key} has {total or 'an unknown number'} "
+                               f"of bytes, not {self.info.size}")
+        self._verify = False
 
     async def iter_range(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream one ranged GET.  :raises ObjectMissing: / StoreUnavailable:"""
@@ -184,6 +198,8 @@ class S3Reader(Reader):
             resp = await self._backend.client.get_object(
                 Bucket=self._backend.bucket, Key=self._key, Range=f"bytes={start}-{end}")
             async with resp["Body"] as body:
+                if self._verify:
+                    self._check_size(resp)
                 async for data in body.iter_chunks(chunk_size):
                     sent += len(data)
                     yield data
@@ -245,8 +261,10 @@ class S3Backend(Backend):
             return await self.client.head_object(Bucket=self.bucket, Key=key)
         return None
 
-    async def open(self, relpath: str) -> Reader:
+    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
         key = self.key(relpath)
+        if expect_size:  # the first ranged GET checks existence and size: no HEAD first
+            return S3Reader(self, key, ObjectInfo(size=expect_size), verify=True)
         if (head := await self._head(key)) is None:
             raise ObjectMissing(f"Stored data for {relpath} is missing")
         return S3Reader(self, key, ObjectInfo(size=head["ContentLength"]))

@@ -20,7 +20,7 @@ from aiohttp import hdrs, web
 
 from .. import files, httputil, validate
 from ..access import Access, gate
-from ..backends.base import ObjectMissing, Reader
+from ..backends.base import ObjectMissing, Reader, SizeMismatch
 from ..element import element
 from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable, StorageError
 from ..models import FileMeta
@@ -85,14 +85,16 @@ async def download(request: web.Request) -> web.StreamResponse:
     if _not_modified(request, meta, headers):
         return web.Response(status=304, headers=headers)
     ranges = _ranges(request, meta, headers[hdrs.ETAG])
+    # A body is read before any header goes out (_prime), so its first read may check
+    # existence and size: S3 then answers with one GET instead of HEAD + GET.
+    expect = meta.file_size if request.method != hdrs.METH_HEAD else None
     try:
-        reader = await el.backend.open(meta.relative_path)
+        reader = await el.backend.open(meta.relative_path, expect_size=expect)
     except ObjectMissing:
         raise NotFound(f"File {file_id} not found: its stored data is missing") from None
     try:
         if reader.info.size != meta.file_size:
-            raise DamagedFile(f"Stored data of {file_id} is damaged (size differs); "
-                              "an operator has been told")
+            raise _damaged(meta)
         return await _send(request, meta, reader, headers, ranges)
     finally:
         await reader.close()
@@ -140,6 +142,11 @@ async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
     return resp
 
 
+def _damaged(meta: FileMeta) -> DamagedFile:
+    return DamagedFile(f"Stored data of {meta.file_id} is damaged (size differs); "
+                       "an operator has been told")
+
+
 async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
                  ) -> tuple[bytes, AsyncGenerator[bytes, None]] | None:
     """For an object without a local file (S3): the first chunk of the first part and the
@@ -154,6 +161,9 @@ async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
     except ObjectMissing:
         await stream.aclose()
         raise NotFound(f"File {meta.file_id} not found: its stored data is missing") from None
+    except SizeMismatch:
+        await stream.aclose()
+        raise _damaged(meta) from None
     except BaseException:
         await stream.aclose()
         raise
