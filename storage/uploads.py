@@ -156,7 +156,7 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
     most = min(cap, spec.size_bound) if spec.size_bound else cap
     body, received = aiter(chunks), 0
     in_flight: asyncio.Future | None = None
-    held: bytes | None = None  # a small piece that may turn out to be the last
+    held = bytearray()  # small pieces that may turn out to be the body's end
     try:
         while True:
             # Only the body read means "the client went away": a ConnectionError from
@@ -174,19 +174,20 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
             if received > reserved:
                 # A body of known length (multipart) never needs more than that length.
                 reserved = await _grow(el, txid, reserved, received, most)
-            if held is not None:  # not the last piece after all
-                chunk, held = held + chunk, None
-            if len(chunk) <= DEFER_MAX:
-                held = chunk  # small: likely the last piece, see below
-                continue
+            if held or len(chunk) <= DEFER_MAX:
+                held += chunk  # linear however small the pieces come
+                if len(held) <= DEFER_MAX:
+                    continue  # small so far: likely the body's end, see below
+                chunk, held = bytes(held), bytearray()
             if in_flight is not None:
                 await in_flight  # one write at a time, in order
             in_flight = asyncio.ensure_future(writer.write(chunk))
         if in_flight is not None:
             await in_flight
             in_flight = None
-        if held is not None and not writer.defer(held):
-            await writer.write(held)  # else it is written by commit, in the same hop
+        tail = bytes(held)
+        if tail and not writer.defer(tail):
+            await writer.write(tail)  # else it is written by commit, in the same hop
     finally:
         if in_flight is not None and not in_flight.done():
             # never let the writer be aborted under a running write
