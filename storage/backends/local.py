@@ -94,10 +94,10 @@ def open_real(path: Path) -> int:
 
 
 def open_dir(directory: Path, root: Path, *, create: bool = True) -> int:
-    """An fd of ``directory`` (created durably if missing and ``create``; else
-    :raises FileNotFoundError:) that is not reached through
-    a symlink: names are then created, linked and fsynced relative to it, so nothing
-    planted in the tree after the check can redirect them.
+    """An fd of ``directory``, checked not to be reached through a symlink; names are
+    then created, linked and fsynced relative to it, so nothing planted in the tree
+    after the check can redirect them.  A missing directory is created durably when
+    ``create``, else :raises FileNotFoundError:.
 
     :raises StoreUnavailable: if a component of ``directory`` is a symlink.
     """
