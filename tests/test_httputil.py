@@ -14,25 +14,24 @@ from urllib.parse import unquote
 import pytest
 from multidict import CIMultiDict
 
-from storage.httputil import (
+from storage.digests import (
     BadDigest,
-    RangeNotSatisfiable,
-    content_disposition,
-    content_range,
-    etag_for,
     expected_digests,
+    parse_content_digest,
+    parse_content_md5,
+    parse_legacy_digest,
+)
+from storage.httputil import (
+    content_disposition,
+    etag_for,
     http_date,
     if_match,
     if_modified_since,
     if_none_match,
     if_range_allows,
-    multipart_byteranges,
-    parse_content_digest,
-    parse_content_md5,
     parse_http_date,
-    parse_legacy_digest,
-    parse_range,
 )
+from storage.ranges import RangeNotSatisfiable, content_range, multipart_byteranges, parse_range
 
 SHA = hashlib.sha256(b"hello").hexdigest()
 ETAG = f'"{SHA}"'

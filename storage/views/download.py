@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator
 from aiohttp import hdrs, web
 
 from .. import files, httputil, validate
+from .. import ranges as byte_ranges
 from ..access import Access, gate
 from ..backends.base import ObjectMissing, Reader, SizeMismatch
 from ..element import element
@@ -68,8 +69,8 @@ def _ranges(request: web.Request, meta: FileMeta, etag: str) -> list[tuple[int, 
             request.headers.get(hdrs.IF_RANGE), etag, meta.created_at):
         return None
     try:
-        return httputil.parse_range(header, meta.file_size, max_ranges=MAX_RANGES)
-    except httputil.RangeNotSatisfiable as exc:
+        return byte_ranges.parse_range(header, meta.file_size, max_ranges=MAX_RANGES)
+    except byte_ranges.RangeNotSatisfiable as exc:
         raise RangeNotSatisfiable(
             f"Range {header[:100]!r} is not satisfiable for a file of {meta.file_size} bytes",
             headers={hdrs.CONTENT_RANGE: exc.content_range},
@@ -108,11 +109,11 @@ async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
         trailer = b""
     elif len(ranges) == 1:
         start, end = ranges[0]
-        headers[hdrs.CONTENT_RANGE] = httputil.content_range(start, end, meta.file_size)
+        headers[hdrs.CONTENT_RANGE] = byte_ranges.content_range(start, end, meta.file_size)
         resp = _response(206, headers, content_type, end - start + 1)
         parts, trailer = [(b"", start, end)], b""
     else:
-        plan = httputil.multipart_byteranges(ranges, meta.file_size, content_type)
+        plan = byte_ranges.multipart_byteranges(ranges, meta.file_size, content_type)
         resp = _response(206, headers, plan.content_type, plan.content_length)
         parts, trailer = plan.parts, plan.trailer
     if request.method == hdrs.METH_HEAD:

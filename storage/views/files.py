@@ -11,7 +11,7 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from .. import files, httputil, search, uploads, validate
+from .. import digests, files, search, uploads, validate
 from ..access import Access, gate, identity
 from ..auth import check_request_auth
 from ..element import Element, element
@@ -243,8 +243,8 @@ async def upload(request: web.Request) -> web.Response:
 
 def _digests(request: web.Request) -> dict[str, bytes]:
     try:
-        return httputil.expected_digests(request.headers)
-    except httputil.BadDigest as exc:
+        return digests.expected_digests(request.headers)
+    except digests.BadDigest as exc:
         raise BadRequest(str(exc)) from None
 
 
