@@ -1,4 +1,5 @@
-"""Pure unit tests for storage.httputil: Range, validators, dates, filenames, digests."""
+"""Pure unit tests for storage.ranges, storage.httputil (validators, dates, filenames)
+and storage.digests."""
 
 from __future__ import annotations
 
