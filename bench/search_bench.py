@@ -32,7 +32,7 @@ from typing import Any
 from multidict import MultiDict
 
 from bench import search_gen
-from storage import migrate, repo_search, search
+from storage import migrate, repo_search, search, search_sql
 from storage.db import Db, close_db, open_db
 from storage.embedded import EmbeddedPostgres
 
@@ -98,17 +98,18 @@ async def statements_only(db: Db, p: search.SearchParams) -> None:
     """
     prefix = db.q.prefix
     async with db.pool.acquire() as conn:
-        await conn.execute(search.custom_plans_statement(prefix))
-        status = await conn.execute(*_flat(search.page_statement(prefix, p)))
+        await conn.execute(search_sql.custom_plans_statement(prefix))
+        status = await conn.execute(*_flat(search_sql.page_statement(prefix, p)))
         more = int(status.split()[-1]) > p.limit
         if p.cursor is None and not more:
             return
         if not p.filtered:
             await repo_search.total_files(conn, db.q)
             return
-        estimate = await repo_search.estimate_matches(conn, *search.estimate_statement(prefix, p))
+        estimate = await repo_search.estimate_matches(
+            conn, *search_sql.estimate_statement(prefix, p))
         if estimate <= search.EXACT_TOTAL_LIMIT:
-            await conn.execute(*_flat(search.count_statement(prefix, p,
+            await conn.execute(*_flat(search_sql.count_statement(prefix, p,
                                                              search.EXACT_TOTAL_LIMIT + 1)))
 
 
@@ -158,9 +159,9 @@ def pct(samples: list[float], p: float) -> float:
 async def _plan(db: Db, statement: tuple[str, list[Any]]) -> dict[str, Any]:
     """One ``EXPLAIN (ANALYZE, BUFFERS)`` run: index scans used, sorts, time and buffers."""
     prefix = db.q.prefix
-    sql = search.explain_analyze_statement(prefix, statement[0])
+    sql = search_sql.explain_analyze_statement(prefix, statement[0])
     async with db.pool.acquire() as conn:
-        await repo_search.use_custom_plans(conn, search.custom_plans_statement(prefix))
+        await repo_search.use_custom_plans(conn, search_sql.custom_plans_statement(prefix))
         plan = await repo_search.explain_analyze(conn, sql, statement[1])
     nodes = list(_walk(plan[0]["Plan"]))
     root = nodes[0]
@@ -178,7 +179,7 @@ async def explain(db: Db, case: Case) -> dict[str, Any]:
     """The page statement's plan, and how the total was found (and its plan)."""
     prefix = db.q.prefix
     params = search.parse_params(MultiDict(case.params))
-    page = await _plan(db, search.page_statement(prefix, params))
+    page = await _plan(db, search_sql.page_statement(prefix, params))
     result = await search.run(db, params)
     if params.cursor is None and result.next_cursor is None:
         how = "rows of the page"
@@ -187,7 +188,7 @@ async def explain(db: Db, case: Case) -> dict[str, Any]:
     elif result.total_is_estimate:
         how = "planner estimate"
     else:
-        count = await _plan(db, search.count_statement(prefix, params,
+        count = await _plan(db, search_sql.count_statement(prefix, params,
                                                        search.EXACT_TOTAL_LIMIT + 1))
         how = f"count: {_describe(count, prefix)}"
     return {**page, "total": result.total, "estimate": result.total_is_estimate,
@@ -238,7 +239,7 @@ async def prepare(dsn: str, prefix: str, rows: int, reuse: bool, seed: int) -> f
     try:
         await search_gen.load(db, rows, seed=seed, progress=progress)
         async with db.pool.acquire() as conn:
-            await repo_search.vacuum_analyze(conn, search.fragments(prefix)["vacuum_analyze"])
+            await repo_search.vacuum_analyze(conn, search_sql.fragments(prefix)["vacuum_analyze"])
     finally:
         await close_db(db)
     return time.perf_counter() - t
@@ -297,7 +298,7 @@ async def main(args: argparse.Namespace) -> int:
     try:
         load_s = await prepare(dsn, args.prefix, args.rows, args.reuse, args.seed)
         db = await open_db(dsn, args.prefix, max_size=8, timeout=60)
-        frags = search.fragments(args.prefix)
+        frags = search_sql.fragments(args.prefix)
         async with db.pool.acquire() as conn:
             newest = await repo_search.newest_created_at(conn, frags["newest_created_at"])
             settings = await repo_search.server_settings(conn, frags["server_settings"])

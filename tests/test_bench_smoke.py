@@ -223,3 +223,21 @@ def test_quick_ceiling_only_end_to_end(tmp_path):
             assert r["server"]["peak_rss_mib"] > 0
     assert cells["put-8m"]["rss_growth_mib"] < 50
     assert not list((tmp_path / "work").iterdir())  # temp data removed
+
+
+def test_search_bench_runs_against_a_small_table(pg_dsn, tmp_path):
+    """bench/search_bench.py end to end (issue 7's benchmark), tiny, so it never rots:
+    loads rows through the repository layer, times every query and prints the table."""
+    prefix = f"sb_{os.getpid()}_{os.urandom(3).hex()}"
+    out = tmp_path / "search.md"
+    proc = subprocess.run(  # noqa: S603 - fixed argv
+        [sys.executable, "-m", "bench.search_bench", "--rows", "400", "--requests", "8",
+         "--dsn", pg_dsn, "--prefix", prefix, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = out.read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "/" in line]
+    names = {line.split("|")[1].strip() for line in rows}
+    assert {"list", "text", "text_rank", "metadata", "deep_page"} <= names, report
+    assert all(" ms, " in line and "buffers" in line for line in rows)  # a plan for each
