@@ -1,0 +1,143 @@
+"""Safe file-system steps for the local backend: nothing planted in the tree can redirect
+a read or a write (reliability guide S29), and every name that is created is durable.
+
+* Reads open the final component with ``O_NOFOLLOW`` and compare the kernel's name for
+  the open file (``/proc/self/fd``) with the expected path: one syscall, no window
+  between check and use (:func:`open_real`).
+* Writes first open the directory the same way (:func:`open_dir`) and then create,
+  link, rename, unlink and fsync *relative to that directory fd*.
+* A new file is fsynced before it gets its final name; the directory after
+  (:func:`write_atomic`, and the writer in :mod:`storage.backends.local`).
+
+Blocking calls: run them in a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+
+from ..attrs import fsync_dir
+from .base import StoreUnavailable
+
+TEMP_PREFIX = ".tmp"
+
+
+def makedirs_durable(path: Path, root: Path) -> None:
+    """``mkdir -p`` that fsyncs the parent of every directory it creates."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != root and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(directory.parent)
+
+
+def is_real(path: Path) -> bool:
+    """True if no component of ``path`` (under the resolved root) is a symlink.
+
+    A symlink planted in the tree could lead outside the root, or to another stored
+    object whose bytes would then be served under this one's name (guide S29).
+    """
+    return os.path.realpath(path) == str(path)
+
+
+def _fd_is(fd: int, path: Path) -> bool:
+    """True if the kernel's name for the open ``fd`` is ``path`` (no symlink on the way)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    except OSError:  # no /proc: fall back to the walk
+        return is_real(path)
+
+
+def open_real(path: Path) -> int:
+    """Open ``path`` read-only, refusing a symlink anywhere on the way; returns the fd.
+
+    The final component is opened with O_NOFOLLOW and the kernel's own name for the
+    open file (``/proc/self/fd``) must equal ``path``: one syscall instead of a
+    realpath walk, and no window between the check and the open.
+    :raises FileNotFoundError: missing, or reached through a symlink.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the file itself is a symlink
+            raise FileNotFoundError(errno.ENOENT, "symlink in the store", str(path)) from None
+        raise
+    if not _fd_is(fd, path):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "symlink in the store", str(path))
+    return fd
+
+
+def open_dir(directory: Path, root: Path, *, create: bool = True) -> int:
+    """An fd of ``directory``, checked not to be reached through a symlink; names are
+    then created, linked and fsynced relative to it, so nothing planted in the tree
+    after the check can redirect them.  A missing directory is created durably when
+    ``create``, else :raises FileNotFoundError:.
+
+    :raises StoreUnavailable: if a component of ``directory`` is a symlink.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(directory, flags)
+    except FileNotFoundError:
+        if not create:
+            raise
+        makedirs_durable(directory, root)
+        fd = os.open(directory, flags)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        fd = None
+    if fd is not None and _fd_is(fd, directory):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise StoreUnavailable(f"Refusing to write through a symlink in the storage tree "
+                           f"at {directory.relative_to(root)}")
+
+
+def write_atomic(path: Path, data: bytes, root: Path) -> None:
+    """Create missing directories durably, then replace ``path`` atomically (sync)."""
+    dirfd = open_dir(path.parent, root)
+    try:
+        tmp = write_synced_temp(dirfd, data)
+        try:
+            os.replace(tmp, path.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dirfd)
+            raise
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_synced_temp(dirfd: int, data: bytes) -> str:
+    """``data`` in a new fsynced temp file in the directory ``dirfd``; returns its name
+    (the caller renames it)."""
+    tmp = f"{TEMP_PREFIX}_attr_{secrets.token_hex(8)}.json"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
+                 dir_fd=dirfd)
+    try:
+        write_fully(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dirfd)
+        raise
+    os.close(fd)
+    return tmp
