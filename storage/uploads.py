@@ -139,6 +139,24 @@ async def precheck_capacity(el: Element, need: int | None) -> None:
             _refuse(el, repo.Reservation("disk", used, reserved), need)
 
 
+def _first_reservation(el: Element, spec: UploadSpec) -> tuple[int, int | None]:
+    """Bytes to reserve with the WAL intent, and a smaller fallback if they are refused.
+
+    A raw body's size is exact.  A multipart file is at most its body's length: reserving
+    that covers a small upload whole (reserving the length less the envelope allowance
+    left 0 bytes for a 4 KiB upload, so its first chunk cost another reservation round
+    trip); only if that is refused is the lower bound tried, so a file that fits exactly
+    into the remaining capacity is not refused for its envelope.
+    """
+    cap = max_file_size(el)
+    if spec.declared_size is not None:
+        return spec.declared_size, None
+    if not spec.size_bound:
+        return 0, None
+    need, lower = min(spec.size_bound, cap), min(file_size_bound(spec.size_bound), cap)
+    return need, (lower if lower < need else None)
+
+
 async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
                    check_id: bool = False) -> None:
     """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
@@ -237,8 +255,7 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     meta = build_meta(spec, who, file_id, now)
     attr_document(meta)  # 400 up front when the attr file would be too large
     txid = uuid.uuid4()
-    need = spec.declared_size if spec.declared_size is not None else (
-        min(file_size_bound(spec.size_bound), max_file_size(el)) if spec.size_bound else 0)
+    need, fallback = _first_reservation(el, spec)
     # The writer touches nothing until its first write, so its temp path can go
     # into the intent row: recovery then removes exactly that partial file.
     writer = el.backend.create(meta.relative_path, spec.declared_size,
@@ -252,7 +269,13 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             "temp_path": writer.temp_name,
         },
     }
-    await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+    try:
+        await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+    except InsufficientStorage:
+        if fallback is None:
+            raise
+        need = fallback  # a nearly full element: reserve no more than the file can be
+        await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     await faults.point(el, "upload.after_intent")
     visible = committing = False
     try:

@@ -390,6 +390,30 @@ async def test_expect_100_continue_gets_507_when_it_would_not_fit(app_factory, a
     writer.close()
 
 
+async def test_small_multipart_upload_reserves_once_and_an_exact_fit_still_fits(
+        app_factory, auth, monkeypatch):
+    """A multipart file is at most its body's length: reserving that covers a small
+    upload in one round trip. When the element cannot hold the whole body, the file's
+    own bound is tried, so a file that fills the element exactly is accepted."""
+    from storage import repo
+
+    client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
+    needs: list[int] = []
+    real = repo.reserve
+
+    async def spy(db, txid, need, **kwargs):
+        needs.append(need)
+        return await real(db, txid, need, **kwargs)
+
+    monkeypatch.setattr(repo, "reserve", spy)
+    await upload(client, auth(), b"a" * 4000)
+    assert len(needs) == 1 and needs[0] >= 4000
+    body = await upload(client, auth(), b"b" * 6000)  # the element is then exactly full
+    assert body["file_size"] == 6000
+    resp = await client.post(UPLOAD, data=form(b"c"), headers=auth())
+    assert resp.status == 507
+
+
 async def test_multipart_file_of_exactly_the_per_file_cap_is_accepted(app_factory, auth):
     client = await app_factory(storage_max_file_size=10_000)
     body = await upload(client, auth(), b"x" * 10_000, description="d" * 1000)

@@ -52,7 +52,10 @@ def _declared(request: web.Request) -> int | None:
 def _file_size_hint(request: web.Request) -> int | None:
     """The announced file size: the body length, less the envelope for multipart."""
     size = _declared(request)
-    if size is not None and request.content_type.startswith("multipart/"):
+    # the raw header: request.content_type parses it with the email package (~5 % of a
+    # small upload's CPU in py-spy), and a prefix is all this needs
+    ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if size is not None and ctype.lstrip()[:10].lower() == "multipart/":
         return uploads.file_size_bound(size)
     return size
 
