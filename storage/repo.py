@@ -23,25 +23,22 @@ Conn = asyncpg.Connection | asyncpg.Pool
 # files ----------------------------------------------------------------------------------
 
 
+def insert_args(m: FileMeta) -> tuple[Any, ...]:
+    """``$1..$16`` of ``insert_file`` (and of ``finish_create``, which starts the same way)."""
+    return (m.file_id, m.original_filename, m.storage_filename, m.file_size, m.content_type,
+            m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
+            m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
+            m.metadata_json, m.cache_ttl_hours)
+
+
 async def insert_file(conn: Conn, q: Queries, m: FileMeta) -> FileMeta:
-    rec = await conn.fetchrow(
-        q.insert_file, m.file_id, m.original_filename, m.storage_filename, m.file_size,
-        m.content_type, m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
-        m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
-        m.metadata_json, m.cache_ttl_hours,
-    )
-    return FileMeta.from_record(rec)
+    return FileMeta.from_record(await conn.fetchrow(q.insert_file, *insert_args(m)))
 
 
 async def finish_create(db: Db, m: FileMeta, txid: uuid.UUID, result: dict[str, Any],
                         at: datetime) -> FileMeta:
     """Insert the metadata row and commit its WAL intent in one atomic statement."""
-    rec = await db.pool.fetchrow(
-        db.q.finish_create, m.file_id, m.original_filename, m.storage_filename, m.file_size,
-        m.content_type, m.created_at, m.updated_at, m.created_by_id, m.created_by_username,
-        m.created_by_fullname, m.description, m.version, m.storage_path, m.checksum,
-        m.metadata_json, m.cache_ttl_hours, txid, result, at,
-    )
+    rec = await db.pool.fetchrow(db.q.finish_create, *insert_args(m), txid, result, at)
     return FileMeta.from_record(rec)
 
 

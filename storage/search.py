@@ -344,9 +344,6 @@ class SearchResult:
                            "total_is_estimate": self.total_is_estimate})
         return '{"files": [' + ", ".join(self.files) + "], " + tail[1:]
 
-    def to_response(self) -> dict[str, Any]:
-        return json.loads(self.body())
-
 
 async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) -> SearchResult:
     """One page of results, the cursor of the next one, and the total.

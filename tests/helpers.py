@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiobotocore.session import AioSession
 from aiohttp import FormData
@@ -144,3 +145,13 @@ async def replace_data_object(config: Config, relpath: str, data: bytes) -> None
                                 Body=data)
     else:
         (config.storage_local_base_path / relpath).write_bytes(data)
+
+
+async def wal_outcomes(pg_dsn: str, config: Config) -> list[tuple[str, int]]:
+    """(status, reserved_bytes) of every WAL row of ``config``'s element."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch(f"SELECT status, reserved_bytes FROM {config.table_prefix}_wal")
+    finally:
+        await conn.close()
+    return [(r["status"], r["reserved_bytes"]) for r in rows]

@@ -28,6 +28,7 @@ from helpers import (
     sha256,
     stored_objects,
     upload,
+    wal_outcomes,
 )
 
 from storage import attrmeta, attrs
@@ -178,12 +179,7 @@ async def test_disconnect_mid_multipart_leaves_no_parts(client, auth, config, pg
         await asyncio.sleep(0.05)
     assert await stored_objects(config) == []  # no object, no attr, no multipart upload
     assert (await client.get(url(str(fid)), headers=auth())).status == 404
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        rows = await conn.fetch(f"SELECT status, reserved_bytes FROM {config.table_prefix}_wal")
-    finally:
-        await conn.close()
-    assert [(r["status"], r["reserved_bytes"]) for r in rows] == [("rolled_back", 0)]
+    assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
 
 
 async def test_capacity_comes_from_the_database_not_the_bucket(app_factory, auth):

@@ -11,7 +11,6 @@ import json
 import re
 import uuid
 
-import asyncpg
 import pytest
 from helpers import (
     BOTH_BACKENDS,
@@ -24,6 +23,7 @@ from helpers import (
     stored_files,
     stored_objects,
     upload,
+    wal_outcomes,
 )
 
 UPLOAD = "/api/v1/files/upload"
@@ -331,12 +331,7 @@ async def test_client_disconnect_mid_upload_leaves_nothing(client, auth, config,
             break
     assert await stored_objects(config) == []
     assert (await client.get(f"/api/v1/files/{fid}", headers=auth())).status == 404
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        rows = await conn.fetch(f"SELECT status, reserved_bytes FROM {config.table_prefix}_wal")
-    finally:
-        await conn.close()
-    assert [(r["status"], r["reserved_bytes"]) for r in rows] == [("rolled_back", 0)]
+    assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
 
 
 async def test_fifty_concurrent_uploads_all_verify(client, auth):
