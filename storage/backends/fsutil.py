@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..attrs import fsync_dir
@@ -105,7 +107,68 @@ def open_dir(directory: Path, root: Path, *, create: bool = True) -> int:
                            f"at {directory.relative_to(root)}")
 
 
-def write_atomic(path: Path, data: bytes, root: Path) -> None:
+class DirSync:
+    """Directory fsyncs shared between the threads that need one (group commit for names).
+
+    A thread that has just linked, renamed or unlinked names in a directory calls
+    :meth:`sync`.  If no fsync of that directory is running, it runs one itself, covering
+    every name changed so far by anyone.  If one is running, it may have started before
+    this caller's change, so the caller waits for the *next* one (run by the first waiter,
+    covering all who queued meanwhile).  Nobody returns before an fsync that started
+    after its change has ended; a failed fsync makes each waiter try for itself.
+    """
+
+    __slots__ = ("_cond", "_dirs", "_fsync")
+
+    def __init__(self, fsync: Callable[[int], None] = os.fsync) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._dirs: dict[str, _DirState] = {}
+        self._fsync = fsync  # tests pass an instrumented one
+
+    def idle(self) -> bool:
+        """True when no directory has an fsync running or owed."""
+        with self._cond:
+            return not self._dirs
+
+    def sync(self, key: str, dirfd: int) -> None:
+        """Make the changes of names in the directory ``dirfd`` (named ``key``) durable."""
+        with self._cond:
+            state = self._dirs.get(key)
+            if state is None:
+                state = self._dirs[key] = _DirState()
+            state.requested += 1
+            ticket = state.requested
+            while state.done < ticket:
+                if not state.running:
+                    break
+                self._cond.wait()
+            else:
+                return  # an fsync that started after our change has ended
+            state.running = True
+            covered = state.requested  # every change up to here happened before the fsync
+        ok = False
+        try:
+            self._fsync(dirfd)
+            ok = True
+        finally:
+            with self._cond:
+                state.running = False
+                if ok:
+                    state.done = max(state.done, covered)
+                    if state.done == state.requested and self._dirs.get(key) is state:
+                        del self._dirs[key]  # idle: forget the directory
+                self._cond.notify_all()
+
+
+class _DirState:
+    __slots__ = ("requested", "done", "running")
+
+    def __init__(self) -> None:
+        self.requested = self.done = 0
+        self.running = False
+
+
+def write_atomic(path: Path, data: bytes, root: Path, dirsync: DirSync) -> None:
     """Create missing directories durably, then replace ``path`` atomically (sync)."""
     dirfd = open_dir(path.parent, root)
     try:
@@ -115,7 +178,7 @@ def write_atomic(path: Path, data: bytes, root: Path) -> None:
         except BaseException:
             os.unlink(tmp, dir_fd=dirfd)
             raise
-        os.fsync(dirfd)
+        dirsync.sync(str(path.parent), dirfd)
     finally:
         os.close(dirfd)
 

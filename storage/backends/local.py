@@ -32,6 +32,7 @@ from .base import (
 )
 from .fsutil import (
     TEMP_PREFIX,
+    DirSync,
     open_dir,
     open_real,
     write_atomic,
@@ -61,6 +62,7 @@ class LocalWriter(Writer):
         self.hasher = Hasher()
         self._final = backend.path(relpath)
         self._root = backend.root
+        self._dirsync = backend.dirsync
         self._tmp = self._final.parent / f"{TEMP_PREFIX}_{secrets.token_hex(16)}"
         self._dirfd: int | None = None
         self._fd: int | None = None
@@ -123,7 +125,8 @@ class LocalWriter(Writer):
                     os.unlink(attr_tmp, dir_fd=dirfd)
                 except FileNotFoundError:
                     pass
-        os.fsync(dirfd)  # one directory sync makes both names durable
+        # one directory sync makes both names durable (shared with concurrent commits)
+        self._dirsync.sync(str(self._final.parent), dirfd)
         os.close(dirfd)  # done: abort() has nothing left to do
         self._dirfd = None
 
@@ -179,6 +182,7 @@ class LocalBackend(Backend):
     def __init__(self, config: Config) -> None:
         self.root = config.storage_local_base_path.resolve()
         self.location = str(self.root)
+        self.dirsync = DirSync()  # directory fsyncs shared between concurrent writes
 
     def path(self, relpath: str) -> Path:
         """Absolute path of ``relpath``; refuses anything that could leave the root.
@@ -236,7 +240,7 @@ class LocalBackend(Backend):
     async def write_attr(self, relpath: str, data: bytes) -> None:
         path = self.path(relpath + ATTR_SUFFIX)
         try:
-            await asyncio.to_thread(write_atomic, path, data, self.root)
+            await asyncio.to_thread(write_atomic, path, data, self.root, self.dirsync)
         except OSError as exc:
             raise _translate(exc, "write the attribute file") from exc
 
@@ -258,7 +262,7 @@ class LocalBackend(Backend):
                     os.unlink(attr.name, dir_fd=dirfd)
                 except FileNotFoundError:
                     pass
-                os.fsync(dirfd)
+                self.dirsync.sync(str(data.parent), dirfd)
             finally:
                 os.close(dirfd)
             return existed
