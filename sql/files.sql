@@ -21,26 +21,12 @@ SELECT file_id, original_filename, storage_filename, file_size, content_type, cr
 FROM <prefix>_files WHERE file_id = $1;
 
 -- name: get_file_for_update
--- $1 file_id: row-locks the file for a PATCH or DELETE (held until the transaction ends)
+-- $1 file_id: the file's lock (the one PATCH and DELETE hold) and its row lock, both
+-- held until the transaction ends (maintenance)
 SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
        updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
        created_by_fullname, description, version, storage_path, checksum, metadata_json
-FROM <prefix>_files WHERE file_id = $1 FOR UPDATE;
-
--- name: update_file
--- $1 file_id, $2 description (NULL keeps), $3 version (NULL keeps),
--- $4 metadata_json, $5 replace metadata?, $6 updated_at, $7 cache_ttl_hours
-UPDATE <prefix>_files SET
-    description = COALESCE($2, description),
-    version = COALESCE($3, version),
-    metadata_json = CASE WHEN $5 THEN $4::jsonb ELSE metadata_json END,
-    updated_at = $6,
-    cache_updated_at = now(),
-    cache_ttl_hours = $7
-WHERE file_id = $1
-RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
-       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
-       created_by_fullname, description, version, storage_path, checksum, metadata_json;
+FROM <prefix>_lock_file($1, true);
 
 -- name: refresh_file
 -- $1 file_id, $2 original_filename, $3 file_size, $4 content_type, $5 description,
@@ -61,27 +47,33 @@ RETURNING file_id, original_filename, storage_filename, file_size, content_type,
        updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
        created_by_fullname, description, version, storage_path, checksum, metadata_json;
 
--- name: finish_create
--- $1..$16 as insert_file, $17 transaction_id, $18 WAL result, $19 completed_at:
--- the metadata row and the WAL commit in one statement (one round trip, atomic)
-WITH f AS (
-    INSERT INTO <prefix>_files (
-        file_id, original_filename, storage_filename, file_size, content_type,
-        created_at, updated_at, created_by_id, created_by_username, created_by_fullname,
-        description, version, storage_path, checksum, metadata_json,
-        cache_updated_at, cache_ttl_hours)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), $16)
-    RETURNING file_id, original_filename, storage_filename, file_size, content_type, created_at,
-              updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
-              created_by_fullname, description, version, storage_path, checksum, metadata_json
-), w AS (
-    UPDATE <prefix>_wal SET
-        status = 'committed',
-        operation_data = operation_data || jsonb_build_object('result', $18::jsonb),
-        completed_at = $19,
-        duration_ms = (extract(epoch FROM ($19 - started_at)) * 1000)::integer,
-        reserved_bytes = 0
-    WHERE transaction_id = $17 AND status = 'pending'
-    RETURNING transaction_id
-)
-SELECT f.*, (SELECT count(*) FROM w) AS wal_committed FROM f;  -- f has the columns above
+-- name: begin_change
+-- $1 transaction_id, $2 operation_type, $3 file_id, $4 operation_data, $5 user_id,
+-- $6 started_at, $7 modes that allow the change (NULL: any), $8 APP_MODE.  PATCH and
+-- DELETE, first round trip: the file's lock (kept by the session when status is 'ok'),
+-- the mode, the row and the committed WAL intent.  status: ok | missing | mode.
+SELECT b.status, b.mode, (b.f).file_id, (b.f).original_filename, (b.f).storage_filename,
+       (b.f).file_size, (b.f).content_type, (b.f).created_at, (b.f).updated_at,
+       (b.f).cache_updated_at, (b.f).cache_ttl_hours, (b.f).created_by_id,
+       (b.f).created_by_username, (b.f).created_by_fullname, (b.f).description,
+       (b.f).version, (b.f).storage_path, (b.f).checksum, (b.f).metadata_json
+FROM <prefix>_begin_change($1, $2, $3, $4, $5, $6, $7, $8) b;
+
+-- name: end_update
+-- $1 transaction_id, $2 file_id, $3 description (NULL keeps), $4 version (NULL keeps),
+-- $5 metadata_json, $6 replace metadata?, $7 updated_at, $8 cache_ttl_hours, $9 WAL
+-- result, $10 completed_at.  PATCH, second round trip: row, WAL commit, lock released.
+SELECT file_id, original_filename, storage_filename, file_size, content_type, created_at,
+       updated_at, cache_updated_at, cache_ttl_hours, created_by_id, created_by_username,
+       created_by_fullname, description, version, storage_path, checksum, metadata_json
+FROM <prefix>_end_update($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
+-- name: end_delete
+-- $1 transaction_id, $2 file_id, $3 WAL result, $4 completed_at.  DELETE, second round
+-- trip: row gone, WAL commit, lock released.  True if the row was there.
+SELECT <prefix>_end_delete($1, $2, $3, $4);
+
+-- name: abort_change
+-- $1 transaction_id, $2 file_id, $3 error (NULL: storage changed, the intent stays
+-- pending for recovery), $4 completed_at.  Releases the lock of begin_change.
+SELECT <prefix>_abort_change($1, $2, $3, $4);

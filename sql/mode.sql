@@ -24,3 +24,8 @@ RETURNING from_mode, to_mode, changed_by, changed_at;
 SELECT from_mode, to_mode, changed_by, changed_at FROM <prefix>_mode_history
 ORDER BY changed_at DESC, id DESC
 LIMIT $1;
+
+-- name: lock_writes
+-- no parameters: waits until every PATCH/DELETE in flight has finished (each holds this
+-- lock shared, see begin_change) and keeps new ones out until the transaction ends
+SELECT pg_advisory_xact_lock(hashtext('<prefix>_writes'));

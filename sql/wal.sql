@@ -32,9 +32,15 @@ RETURNING transaction_id;
 -- $1 cutoff: finished rows completed before it are deleted
 DELETE FROM <prefix>_wal WHERE status <> 'pending' AND completed_at < $1;
 
--- name: reserve
--- $1 transaction_id, $2 bytes needed in total, $3 capacity limit, $4 free disk bytes
--- (NULL: no disk limit), $5 operation_type (NULL: grow the existing row's reservation),
--- $6 file_id, $7 operation_data, $8 user_id, $9 started_at, $10 refuse an existing file_id?
--- One round trip; see migrations/0005.reserve.py.
-SELECT * FROM <prefix>_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+-- name: commit_batch
+-- One group commit (migrations/0007.group_commit.py): $1 capacity limit, $2 free disk
+-- bytes (NULL: no disk limit), $3 APP_MODE (applies while no mode is persisted);
+-- reservations $4..$11 (transaction_id, bytes needed in total, operation_type or NULL to
+-- grow, file_id, operation_data, user_id, started_at, refuse an existing file_id?);
+-- finishes $12..$30 (transaction_id, WAL result, completed_at, then the insert_file
+-- columns).  One row per member: kind ('reserve'/'finish'), 1-based index, status, the
+-- mode seen (finishes) or the usage seen (reservations).
+SELECT kind, idx, status, mode, used, reserved
+FROM <prefix>_commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                           $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
+                           $28, $29, $30);

@@ -17,6 +17,7 @@ from .db import close_db, open_db
 from .element import Element, element_key
 from .embedded import EmbeddedPostgres
 from .errors import error_middleware
+from .groupcommit import GroupCommit
 from .middleware import cors_middleware, request_middleware
 from .modes import load_persisted_mode, mode_ctx
 from .recovery import recovery_ctx
@@ -88,12 +89,15 @@ async def element_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[config_key]
     runtime = Runtime(config)
     app[runtime_key] = runtime
-    app[element_key] = Element(config, app[db_key], app[backend_key], runtime)
+    db, backend = app[db_key], app[backend_key]
+    commits = GroupCommit(db, config, backend.free_bytes)
+    app[element_key] = Element(config, db, backend, runtime, commits)
     for hook in app.get(startup_hooks_key, ()):
         await hook(app)
     runtime.started = True
     yield
     runtime.stopping = True
+    await commits.close()
 
 
 startup_hooks_key = web.AppKey("startup_hooks", list)

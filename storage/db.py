@@ -35,6 +35,11 @@ def session_state_changed(conn: asyncpg.Connection) -> None:
     _needs_reset.add(getattr(conn, "_con", conn))  # a PoolConnectionProxy wraps it
 
 
+def session_state_cleared(conn: asyncpg.Connection) -> None:
+    """Say that ``conn`` released what :func:`session_state_changed` announced."""
+    _needs_reset.discard(getattr(conn, "_con", conn))
+
+
 async def _reset(conn: asyncpg.Connection) -> None:
     """Release-time reset.  asyncpg's default resets every connection with one more
     round trip (UNLISTEN, RESET ALL, unlock advisory locks), which cost as much as a

@@ -9,6 +9,7 @@ from aiohttp import web
 from .backends.base import Backend
 from .config import Config
 from .db import Db
+from .groupcommit import GroupCommit
 from .runtime import Runtime
 
 
@@ -18,6 +19,7 @@ class Element:
     db: Db
     backend: Backend
     runtime: Runtime
+    commits: GroupCommit  # the write batcher: reservations and finishes of uploads
 
     @property
     def prefix(self) -> str:

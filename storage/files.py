@@ -1,20 +1,24 @@
 """Reading, changing and deleting stored files (the attr document is the truth).
 
-PATCH and DELETE hold the file's row lock (``SELECT … FOR UPDATE``) for the whole
-operation, so concurrent changes of one file serialise across processes, and the
-attr document is written *before* the row: the database never runs ahead of it.
+PATCH and DELETE hold the file's lock (a session advisory lock on the file id, which
+maintenance and recovery take too, see migrations/0007) for the whole operation, so
+concurrent changes of one file serialise across processes, and the attr document is
+written *before* the row: the database never runs ahead of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
-from . import attrmeta, attrs, faults, repo, repo_cache
+from . import attrmeta, attrs, faults, modes, repo, repo_cache
 from .access import Identity
 from .backends.base import ObjectMissing
+from .db import session_state_changed, session_state_cleared
 from .element import Element
 from .errors import NotFound, StorageError
 from .models import FileMeta, utcnow
@@ -58,64 +62,100 @@ async def _refresh(el: Element, meta: FileMeta) -> FileMeta:
 
 async def update(el: Element, file_id: uuid.UUID, who: Identity, *, description: str | None,
                  version: str | None, metadata: dict[str, Any] | None) -> FileMeta:
-    """PATCH: attr document first (unknown keys kept), then the row, under the row lock."""
+    """PATCH: attr document first (unknown keys kept), then the row, under the file's lock.
+
+    Two round trips: ``repo.begin_change`` (lock, mode, row, committed intent) and
+    ``repo.end_update`` (row, WAL commit, unlock); the attr write happens in between.
+    """
     now = utcnow()
     txid = uuid.uuid4()
     data = {"description": description, "version": version, "metadata": metadata}
-    # The intent row commits on its own before the lock is taken (one connection
-    # per request at a time, so a busy pool cannot deadlock).
-    await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_update",
-                          file_id=file_id, data=data, user_id=who.sub, started_at=now)
-    await faults.point(el, "update.after_intent")
-    attr_written = False
-    try:
-        async with el.db.pool.acquire() as conn, conn.transaction():
-            meta = await repo.lock_file(conn, el.db.q, file_id)
-            if meta is None:
-                raise NotFound(f"File not found: {file_id}")
-            extra = await _attr_extra(el, meta)
-            if description is not None:
-                meta.description = description
-            if version is not None:
-                meta.version = version
-            if metadata is not None:
-                meta.metadata_json = metadata
-            meta.updated_at = now
-            await el.backend.write_attr(meta.relative_path, attr_document(meta, extra))
-            attr_written = True
-            await faults.point(el, "update.after_attr")
-            row = await repo.update_file(
-                conn, el.db.q, file_id, description=description, version=version,
-                metadata=metadata or None, replace_metadata=metadata is not None,
-                updated_at=now,
-                ttl_hours=ttl_hours(el),
-            )
-            await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
-        await faults.point(el, "update.after_commit")
-    except BaseException as exc:
-        await _rollback(el, txid, exc, storage_changed=attr_written)
-        raise
+    async with _change(el, txid, "file_update", file_id, data, who, now, "update") as change:
+        meta = change.meta
+        extra = await _attr_extra(el, meta)
+        if description is not None:
+            meta.description = description
+        if version is not None:
+            meta.version = version
+        if metadata is not None:
+            meta.metadata_json = metadata
+        meta.updated_at = now
+        await el.backend.write_attr(meta.relative_path, attr_document(meta, extra))
+        change.storage_changed = True  # the attr file is replaced: only forward from here
+        await faults.point(el, "update.after_attr")
+        row = await repo.end_update(
+            change.conn, el.db.q, txid, file_id, description=description, version=version,
+            metadata=metadata or None, replace_metadata=metadata is not None,
+            updated_at=now, ttl_hours=ttl_hours(el), result={"file_id": str(file_id)},
+            at=utcnow())
+        change.done = True
+    await faults.point(el, "update.after_commit")
     return row
 
 
-async def _rollback(el: Element, txid: uuid.UUID, exc: BaseException, *,
-                    storage_changed: bool) -> None:
-    """Mark the WAL row rolled back, unless storage was already changed.
+class Missing(NotFound):
+    """The file to change does not exist (nothing was locked or logged)."""
 
-    Once the attr file is rewritten or the files are unlinked, the operation can only
-    go forward: the row stays ``pending`` so recovery (startup, or the periodic pass)
-    finishes it from the storage state.  Recording it as rolled back would leave the
-    row for ever without its files, or out of step with its attr file (issue 11).
+
+class _Change:
+    """A PATCH or DELETE between its two round trips: the connection holding the file's
+    lock, the row as it was, and how far the storage step got."""
+
+    __slots__ = ("conn", "meta", "storage_changed", "done")
+
+    def __init__(self, conn: Any, meta: FileMeta) -> None:
+        self.conn, self.meta = conn, meta
+        self.storage_changed = self.done = False
+
+
+@contextlib.asynccontextmanager
+async def _change(el: Element, txid: uuid.UUID, op: str, file_id: uuid.UUID,
+                  data: dict[str, Any], who: Identity, now: datetime, action: str | None):
+    """Take the file's lock and commit the intent (``repo.begin_change``); on the way out
+    make sure the lock is released: by the second round trip, or here, rolling the intent
+    back unless the storage was already changed (then the intent stays pending and
+    recovery finishes the operation from the storage state, issue 11).
+
+    :raises Missing: no such file.  :raises BadRequest: the mode forbids ``action``.
     """
-    if storage_changed:
+    allowed = modes.ALLOWED[action] if action else None
+    async with el.db.pool.acquire() as conn:
+        session_state_changed(conn)  # session locks: the pool resets it if we fail to
+        began = await repo.begin_change(conn, el.db.q, txid=txid, op=op, file_id=file_id,
+                                        data=data, user_id=who.sub, started_at=now,
+                                        modes=allowed, app_mode=el.config.app_mode)
+        if began.meta is None:  # nothing is held
+            session_state_cleared(conn)
+            if began.status == "mode":
+                modes.require(action, began.mode)
+            raise Missing(f"File not found: {file_id}")
+        change = _Change(conn, began.meta)
+        try:
+            await faults.point(el, f"{op.removeprefix('file_')}.after_intent")
+            yield change
+        except BaseException as exc:
+            if not change.done:
+                await _release(el, change, txid, file_id, exc)
+            raise
+        session_state_cleared(conn)
+
+
+async def _release(el: Element, change: _Change, txid: uuid.UUID, file_id: uuid.UUID,
+                   exc: BaseException) -> None:
+    """Release the file's lock after a failure; roll the intent back unless the storage
+    was already changed (then it stays pending for recovery)."""
+    if change.storage_changed:
         log.warning("WAL %s left pending for recovery: storage already changed when the "
-                    "database step failed (%r)", txid, exc)
-        return
-    reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
+                    "operation failed (%r)", txid, exc)
+        error = None
+    else:
+        error = exc.detail if isinstance(exc, StorageError) else repr(exc)
     try:
-        await asyncio.shield(repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow()))
-    except Exception:  # recovery resolves a row left pending; keep the original error
-        log.exception("could not roll back WAL %s", txid)
+        await asyncio.shield(repo.abort_change(change.conn, el.db.q, txid, file_id, error,
+                                               utcnow()))
+        session_state_cleared(change.conn)
+    except Exception:  # the pool's reset (or the session's end) releases the lock
+        log.exception("could not release the lock of WAL %s", txid)
 
 
 async def _attr_extra(el: Element, meta: FileMeta) -> dict[str, Any] | None:
@@ -131,37 +171,28 @@ async def _attr_extra(el: Element, meta: FileMeta) -> dict[str, Any] | None:
         return None
 
 
-async def delete(el: Element, file_id: uuid.UUID, who: Identity) -> FileMeta | None:
-    """Remove data, attr and row; a missing data file does not block it.
+async def delete(el: Element, file_id: uuid.UUID, who: Identity, *,
+                 action: str | None = "delete") -> FileMeta | None:
+    """Remove data, attr and row; a missing data file does not block it.  ``action`` is
+    the mode rule checked where the delete commits (None: any mode, garbage collection).
 
-    Returns the deleted row, or None when there was no row.
+    Two round trips, like :func:`update`.  Returns the deleted row, or None when there was
+    no row.
     """
     now = utcnow()
     txid = uuid.uuid4()
-    meta = await repo.get_file(el.db, file_id)
-    if meta is None:
-        return None
-    data = {"original_filename": meta.original_filename,
-            "storage_filename": meta.storage_filename, "relative_path": meta.relative_path}
-    await repo.insert_wal(el.db.pool, el.db.q, txid=txid, op="file_delete", file_id=file_id,
-                          data=data, user_id=who.sub, started_at=now)
-    await faults.point(el, "delete.after_intent")
-    files_removed = False
     try:
-        async with el.db.pool.acquire() as conn, conn.transaction():
-            meta = await repo.lock_file(conn, el.db.q, file_id)
-            if meta is None:  # deleted by someone else meanwhile
-                await repo.rollback_wal(conn, el.db.q, txid, "already deleted", utcnow())
-                return None
-            files_removed = True  # from here on (even if it fails half-way) only forward
+        async with _change(el, txid, "file_delete", file_id, {}, who, now, action) as change:
+            meta = change.meta
+            change.storage_changed = True  # from here on (even if it fails) only forward
             existed = await el.backend.delete(meta.relative_path)
             await faults.point(el, "delete.after_files")
             if not existed:
                 log.warning("deleting %s: its data object was already missing", file_id)
-            await repo.delete_file(conn, el.db.q, file_id)
-            await repo.commit_wal(conn, el.db.q, txid, {"file_id": str(file_id)}, utcnow())
-        await faults.point(el, "delete.after_commit")
-    except BaseException as exc:
-        await _rollback(el, txid, exc, storage_changed=files_removed)
-        raise
+            await repo.end_delete(change.conn, el.db.q, txid, file_id,
+                                  {"file_id": str(file_id)}, utcnow())
+            change.done = True
+    except Missing:
+        return None
+    await faults.point(el, "delete.after_commit")
     return meta

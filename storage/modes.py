@@ -1,7 +1,8 @@
 """Runtime mode transitions (goartstore §4): rules, persistence, cross-process refresh.
 
-The permission matrix itself stays artStore's (``views.files.require_mode`` reads
-``runtime.mode``).  This module only decides which *changes* are allowed, stores
+The permission matrix itself stays artStore's (:func:`require`, checked when a request
+starts against ``runtime.mode`` and again where the change commits, against the mode in
+the database).  This module also decides which *mode changes* are allowed, stores
 the mode in ``<prefix>_config.current_mode`` with one history row per change,
 and keeps every process of the element in step:
 
@@ -41,6 +42,22 @@ OPERATIONS = {
     "ro": ("download", "list"),
     "ar": ("download", "list"),  # artStore never blocked downloads in ar (reference §1.2)
 }
+
+
+# the modes that allow each change, and what a refused one is told (artStore's messages)
+ALLOWED = {"upload": ("edit", "rw"), "update": ("edit", "rw"), "delete": ("edit",)}
+_REFUSED = {
+    "upload": "File upload not allowed in {mode} mode",
+    "update": "Metadata update not allowed in {mode} mode",
+    "delete": "File deletion not allowed in {mode} mode. Only EDIT mode allows deletion.",
+}
+
+
+def require(action: str, mode: str) -> None:
+    """:raises BadRequest: when ``mode`` does not allow ``action`` (the artStore matrix,
+    reference §1.2, with its exact messages)."""
+    if mode not in ALLOWED[action]:
+        raise BadRequest(_REFUSED[action].format(mode=mode))
 
 
 class InvalidTransition(Conflict):
@@ -96,9 +113,13 @@ class ModeChange:
 
 
 async def change_mode(el: Element, target: Any, confirm: bool, who: Identity) -> ModeChange:
-    """Check, persist and apply one transition; the row lock serialises concurrent changes."""
+    """Check, persist and apply one transition; the row lock serialises concurrent changes
+    (and the writes in flight, see migrations/0007.group_commit.py)."""
     q = el.db.q
     async with el.db.pool.acquire() as conn, conn.transaction():
+        # PATCH/DELETE in flight finish first (each holds this lock shared), and uploads
+        # commit under the row locked next: nothing is written after a change to ro
+        await conn.execute(q.lock_writes)
         row = await conn.fetchrow(q.lock_mode)
         current = row["current_mode"] or el.runtime.mode
         check_transition(current, target, confirm)

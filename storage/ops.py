@@ -25,6 +25,7 @@ from .backends import make_backend
 from .config import Config
 from .db import close_db, open_db
 from .element import Element
+from .groupcommit import GroupCommit
 from .runtime import Runtime
 
 COMMANDS = ("rebuild", "check", "recover", "migrate-attrs", "scrub")
@@ -97,7 +98,8 @@ async def open_element(config: Config, dsn: str) -> AsyncIterator[Element]:
         runtime = Runtime(config)
         state = await repo.get_state(db)
         runtime.mode = state.current_mode or runtime.mode
-        yield Element(config, db, backend, runtime)
+        commits = GroupCommit(db, config, backend.free_bytes)
+        yield Element(config, db, backend, runtime, commits)
     finally:
         await backend.close()
         await close_db(db)

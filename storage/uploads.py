@@ -160,8 +160,7 @@ def _first_reservation(el: Element, spec: UploadSpec) -> tuple[int, int | None]:
 async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
                    check_id: bool = False) -> None:
     """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
-    r = await repo.reserve(el.db, txid, need, limit=el.config.storage_max_size,
-                           free=await _free(el), intent=insert, check_id=check_id)
+    r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")
     _refuse(el, r, need)
@@ -326,12 +325,31 @@ def _commit_refused(exc: BaseException) -> bool:
 
 
 async def _finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
+    """The row in and the intent committed, in the next group commit.
+
+    :raises Conflict: the id (or the storage name) is taken.
+    :raises BadRequest: the element left the upload modes while the body was streaming
+        (the same answer as for an upload that starts in that mode).
+    :raises Abandoned: recovery resolved the intent meanwhile (it removed the files).
+    In every case nothing was committed.
+    """
     result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
               "file_size": meta.file_size}
-    try:
-        return await repo.finish_create(el.db, meta, txid, result, utcnow())
-    except asyncpg.UniqueViolationError:
-        raise Conflict(f"File with ID {meta.file_id} already exists") from None
+    done = await el.commits.finish(meta, txid, result)
+    if done.status == "exists":
+        raise Conflict(f"File with ID {meta.file_id} already exists")
+    if done.status == "mode":
+        raise BadRequest(f"File upload not allowed in {done.mode} mode")
+    if done.status == "gone":
+        raise Abandoned("The upload was abandoned by crash recovery while it was running; "
+                        "nothing was stored, send it again", headers={"Retry-After": "1"})
+    return meta
+
+
+class Abandoned(StorageError):
+    """The upload's WAL intent was resolved by recovery before the upload finished."""
+
+    status, code = 503, "upload_abandoned"
 
 
 async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,

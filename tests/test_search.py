@@ -349,9 +349,10 @@ async def test_huge_texts_are_truncated_not_an_error(client, auth):
     body = await upload(client, auth(), b"h", "huge.bin")
     el = client.app[element_key]
     words = " ".join(f"w{i:06d}" for i in range(110_000))  # ~880 KB of distinct words
-    await repo.update_file(el.db.pool, el.db.q, uuid.UUID(body["file_id"]), description=words,
-                           version=None, metadata={"text": words, "more": [words]},
-                           replace_metadata=True, updated_at=datetime.now(UTC), ttl_hours=24)
+    await el.db.pool.execute(
+        f"UPDATE {el.prefix}_files SET description = $2, metadata_json = $3, updated_at = $4 "
+        "WHERE file_id = $1", uuid.UUID(body["file_id"]), words,
+        {"text": words, "more": [words]}, datetime.now(UTC))
     assert await names(client, auth, q="w000001") == ["huge.bin"]
     assert await names(client, auth, q="w100000") == []  # beyond the indexed 20,000 chars
 

@@ -394,13 +394,13 @@ async def test_small_multipart_upload_reserves_once_and_an_exact_fit_still_fits(
 
     client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
     needs: list[int] = []
-    real = repo.reserve
+    real = repo.commit_batch
 
-    async def spy(db, txid, need, **kwargs):
-        needs.append(need)
-        return await real(db, txid, need, **kwargs)
+    async def spy(db, members, **kwargs):
+        needs.extend(m.need for m in members if isinstance(m, repo.Reserve))
+        return await real(db, members, **kwargs)
 
-    monkeypatch.setattr(repo, "reserve", spy)
+    monkeypatch.setattr(repo, "commit_batch", spy)
     await upload(client, auth(), b"a" * 4000)
     assert len(needs) == 1 and needs[0] >= 4000
     body = await upload(client, auth(), b"b" * 6000)  # the element is then exactly full

@@ -77,7 +77,7 @@ async def gc_delete(request: web.Request) -> web.Response:
     reason = validate.text(body.get("reason"), "reason", max_len=500) or "gc_cleanup"
     cleanup_type = validate.text(body.get("cleanup_type"), "cleanup_type", max_len=100)
     who = identity(request)
-    deleted = await files.delete(el, file_id, who)
+    deleted = await files.delete(el, file_id, who, action=None)  # any mode
     status = "deleted" if deleted is not None else "already_deleted"
     log.info("gc %s: %s (reason %r, cleanup_type %r, by %s)", file_id, status, reason,
              cleanup_type, who.sub)

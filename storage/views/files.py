@@ -11,7 +11,7 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from .. import digests, files, search, uploads, validate
+from .. import digests, files, modes, search, uploads, validate
 from ..access import Access, gate, identity
 from ..auth import check_request_auth
 from ..element import Element, element
@@ -24,7 +24,6 @@ MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
 MIN_PROGRESS = 64 * 1024  # bytes an upload must deliver per UPLOAD_READ_TIMEOUT window
 MAX_LIST = 100
-UPLOAD_MODES = ("edit", "rw")
 
 
 class RequestTimeout(StorageError):
@@ -32,16 +31,9 @@ class RequestTimeout(StorageError):
 
 
 def require_mode(el: Element, action: str) -> None:
-    """The artStore mode matrix (reference §1.2), with its exact messages."""
-    mode = el.runtime.mode
-    if action == "delete" and mode != "edit":
-        raise BadRequest(
-            f"File deletion not allowed in {mode} mode. Only EDIT mode allows deletion."
-        )
-    if action == "upload" and mode not in UPLOAD_MODES:
-        raise BadRequest(f"File upload not allowed in {mode} mode")
-    if action == "update" and mode not in UPLOAD_MODES:
-        raise BadRequest(f"Metadata update not allowed in {mode} mode")
+    """The artStore mode matrix against this process's view of the mode (the change is
+    checked again where it commits, see :func:`storage.modes.require`)."""
+    modes.require(action, el.runtime.mode)
 
 
 def _declared(request: web.Request) -> int | None:
