@@ -20,6 +20,14 @@ SELECT file_id, original_filename, storage_filename, file_size, content_type, cr
        created_by_fullname, description, version, storage_path, checksum, metadata_json
 FROM <prefix>_files WHERE file_id = $1;
 
+-- name: get_served
+-- $1 file_id: what a download needs (the columns that never change after the upload, and
+-- when the row's cache time runs out)
+SELECT storage_path || storage_filename AS relative_path, file_size, checksum, created_at,
+       original_filename, content_type,
+       cache_updated_at + make_interval(hours => cache_ttl_hours) AS cache_expires_at
+FROM <prefix>_files WHERE file_id = $1;
+
 -- name: get_file_for_update
 -- $1 file_id: the file's lock (the one PATCH and DELETE hold) and its row lock, both
 -- held until the transaction ends (maintenance)

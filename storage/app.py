@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import metrics, middleware, migrate
-from .appkeys import backend_key, config_key, db_key, dsn_key, runtime_key
+from .appkeys import backend_key, config_key, db_key, dsn_key, metrics_key, runtime_key
 from .auth import auth_ctx, auth_middleware
 from .backends import make_backend
 from .config import Config
@@ -90,7 +90,8 @@ async def element_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = Runtime(config)
     app[runtime_key] = runtime
     db, backend = app[db_key], app[backend_key]
-    commits = GroupCommit(db, config, backend.free_bytes)
+    commits = GroupCommit(db, config, backend.free_bytes,
+                          observe=app[metrics_key].group_commit.observe)
     app[element_key] = Element(config, db, backend, runtime, commits)
     for hook in app.get(startup_hooks_key, ()):
         await hook(app)

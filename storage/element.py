@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,6 +11,7 @@ from .config import Config
 from .db import Db
 from .groupcommit import GroupCommit
 from .runtime import Runtime
+from .served import ServedCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,7 @@ class Element:
     backend: Backend
     runtime: Runtime
     commits: GroupCommit  # the write batcher: reservations and finishes of uploads
+    served: ServedCache = field(default_factory=ServedCache)  # download facts, for a minute
 
     @property
     def prefix(self) -> str:

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import attrmeta, attrs, faults, modes, repo, repo_cache
@@ -22,6 +24,7 @@ from .db import session_state_changed, session_state_cleared
 from .element import Element
 from .errors import NotFound, StorageError
 from .models import FileMeta, utcnow
+from .served import Served
 from .uploads import attr_document
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,30 @@ async def get(el: Element, file_id: uuid.UUID, *, refresh: bool = True) -> FileM
     if refresh and meta.cache_expired:
         meta = await _refresh(el, meta)
     return meta
+
+
+async def served(el: Element, file_id: uuid.UUID, *,
+                 headers: Callable[[Served], Mapping[str, str]], fresh: bool = False) -> Served:
+    """What a download needs, from this process's cache (:mod:`storage.served`) or the
+    database; ``headers`` builds the response headers of a new entry.  A row past its
+    cache time is refreshed from its attr document first (reference §7.2).
+
+    :raises NotFound: when there is no such file.
+    """
+    now = utcnow()
+    if not fresh and (hit := el.served.get(file_id)) is not None and hit.cache_expires_at > now:
+        return hit
+    found = await repo.get_served(el.db, file_id)
+    if found is None:
+        raise NotFound(f"File {file_id} not found")
+    if found.cache_expires_at <= now:
+        meta = await get(el, file_id)
+        found = Served(file_id, meta.relative_path, meta.file_size, meta.checksum,
+                       meta.created_at, meta.original_filename, meta.content_type,
+                       meta.cache_updated_at + timedelta(hours=meta.cache_ttl_hours))
+    found = replace(found, headers=tuple(headers(found).items()))
+    el.served.put(replace(found, cached=True))
+    return found
 
 
 async def _refresh(el: Element, meta: FileMeta) -> FileMeta:
@@ -192,6 +219,7 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity, *,
             await repo.end_delete(change.conn, el.db.q, txid, file_id,
                                   {"file_id": str(file_id)}, utcnow())
             change.done = True
+            el.served.forget(file_id)  # other processes find the data gone (storage.served)
     except Missing:
         return None
     await faults.point(el, "delete.after_commit")

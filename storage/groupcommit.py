@@ -52,10 +52,12 @@ class Batcher(Generic[T, R]):
     """
 
     def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], *,
-                 name: str, max_batch: int = MAX_BATCH) -> None:
+                 name: str, max_batch: int = MAX_BATCH,
+                 observe: Callable[[int], Any] | None = None) -> None:
         self._run = run
         self._name = name
         self._max = max_batch
+        self._observe = observe  # called with each batch's size (metrics)
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # statistics, for tests and metrics
@@ -85,6 +87,8 @@ class Batcher(Generic[T, R]):
                 batch, self._queue = self._queue[:self._max], self._queue[self._max:]
                 self.batches += 1
                 self.members += len(batch)
+                if self._observe is not None:
+                    self._observe(len(batch))
                 try:
                     results = await self._run([item for item, _ in batch])
                 except asyncio.CancelledError:
@@ -138,11 +142,13 @@ Member = repo.Reserve | repo.Finish
 class GroupCommit:
     """The element's write batcher (one per app and process)."""
 
-    def __init__(self, db, config, free_bytes: Callable[[], Awaitable[int | None]]) -> None:
+    def __init__(self, db, config, free_bytes: Callable[[], Awaitable[int | None]], *,
+                 observe: Callable[[int], Any] | None = None) -> None:
         self.db = db
         self.config = config
         self._free_bytes = free_bytes
-        self.batcher: Batcher[Member, Any] = Batcher(self._run, name=db.q.prefix)
+        self.batcher: Batcher[Member, Any] = Batcher(self._run, name=db.q.prefix,
+                                                     observe=observe)
 
     async def reserve(self, txid: uuid.UUID, need: int, *, intent: dict[str, Any] | None = None,
                       check_id: bool = False) -> repo.Reservation:

@@ -56,6 +56,7 @@ CACHE_ROUTES = {"cache_rebuild": "full", "cache_rebuild_incremental": "increment
                 "cache_cleanup_expired": "cleanup_expired", "cache_consistency": "consistency"}
 TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 HEALTH_CODES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 LEVEL_CODES = {"ok": 0, "warning": 1, "critical": 2, "full": 3}
@@ -143,6 +144,10 @@ class Metrics:
                                      "Cache rows changed by rebuilds", ["action"], registry=r)
         self.gc_deletes = Counter("storage_gc_deletes", "GC delete requests, by outcome",
                                   ["status"], registry=r)
+        self.group_commit = Histogram(
+            "storage_group_commit_members", "Reservations and finishes per group commit "
+            "(one database statement and transaction each)", buckets=BATCH_BUCKETS,
+            registry=r)
         self.set_mode(config.app_mode)
 
     def record_recovery(self, summary: dict[str, int], seconds: float, ok: bool = True) -> None:

@@ -15,6 +15,7 @@ import asyncpg
 
 from .db import Db
 from .models import ElementState, FileMeta, WalEntry
+from .served import Served
 from .sql import Queries
 
 Conn = asyncpg.Connection | asyncpg.Pool
@@ -40,6 +41,12 @@ async def insert_file(conn: Conn, q: Queries, m: FileMeta) -> FileMeta:
 async def get_file(db: Db, file_id: uuid.UUID) -> FileMeta | None:
     rec = await db.pool.fetchrow(db.q.get_file, file_id)
     return FileMeta.from_record(rec) if rec else None
+
+
+async def get_served(db: Db, file_id: uuid.UUID) -> Served | None:
+    """What a download needs (see :mod:`storage.served`), or None without a row."""
+    rec = await db.pool.fetchrow(db.q.get_served, file_id)
+    return Served(file_id, *rec) if rec else None
 
 
 async def lock_file(conn: asyncpg.Connection, q: Queries, file_id: uuid.UUID) -> FileMeta | None:

@@ -24,7 +24,7 @@ from ..access import Access, gate
 from ..backends.base import ObjectMissing, Reader, SizeMismatch
 from ..element import element
 from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable, StorageError
-from ..models import FileMeta
+from ..served import Served
 
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
@@ -35,7 +35,7 @@ class DamagedFile(StorageError):
     status, code = 500, "damaged_file"
 
 
-def _headers(meta: FileMeta) -> dict[str, str]:
+def _headers(meta: Served) -> dict[str, str]:
     return {
         hdrs.ETAG: httputil.etag_for(meta.checksum),
         hdrs.LAST_MODIFIED: httputil.http_date(meta.created_at),
@@ -52,7 +52,7 @@ def _b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
 
 
-def _not_modified(request: web.Request, meta: FileMeta, headers: dict[str, str]) -> bool:
+def _not_modified(request: web.Request, meta: Served, headers: dict[str, str]) -> bool:
     etag = headers[hdrs.ETAG]
     if httputil.if_match(request.headers.get(hdrs.IF_MATCH), etag) is False:
         raise PreconditionFailed("If-Match does not match the stored file")
@@ -63,7 +63,7 @@ def _not_modified(request: web.Request, meta: FileMeta, headers: dict[str, str])
                                       meta.created_at)
 
 
-def _ranges(request: web.Request, meta: FileMeta, etag: str) -> list[tuple[int, int]] | None:
+def _ranges(request: web.Request, meta: Served, etag: str) -> list[tuple[int, int]] | None:
     header = request.headers.get(hdrs.RANGE)
     if header is None or not httputil.if_range_allows(
             request.headers.get(hdrs.IF_RANGE), etag, meta.created_at):
@@ -77,28 +77,52 @@ def _ranges(request: web.Request, meta: FileMeta, etag: str) -> list[tuple[int, 
         ) from None
 
 
+class _Gone(Exception):
+    """The data object is missing; raised before any header is sent."""
+
+
 @gate(Access.READ)
 async def download(request: web.Request) -> web.StreamResponse:
     el = element(request)
     file_id = validate.file_id(request.match_info["file_id"])
-    meta = await files.get(el, file_id)
-    headers = _headers(meta)
-    if _not_modified(request, meta, headers):
+    served = await files.served(el, file_id, headers=_headers)
+    try:
+        return await _download(request, el, served)
+    except _Gone:
+        if served.cached:  # deleted, maybe uploaded anew elsewhere: ask the database
+            el.served.forget(file_id)
+            served = await files.served(el, file_id, headers=_headers, fresh=True)
+            with contextlib.suppress(_Gone):
+                return await _download(request, el, served)
+        raise NotFound(f"File {file_id} not found: its stored data is missing") from None
+
+
+async def _download(request: web.Request, el, served: Served) -> web.StreamResponse:
+    """The response for ``served``.  :raises _Gone: the data object is missing (only
+    before a header was sent)."""
+    headers = dict(served.headers)
+    if _not_modified(request, served, headers):
+        if served.cached:  # the row was not read: make sure the data is still there
+            await (await _open(el, served, None)).close()
         return web.Response(status=304, headers=headers)
-    ranges = _ranges(request, meta, headers[hdrs.ETAG])
+    ranges = _ranges(request, served, headers[hdrs.ETAG])
     # A body is read before any header goes out (_prime), so its first read may check
     # existence and size: S3 then answers with one GET instead of HEAD + GET.
-    expect = meta.file_size if request.method != hdrs.METH_HEAD else None
+    expect = served.file_size if request.method != hdrs.METH_HEAD else None
+    reader = await _open(el, served, expect)
     try:
-        reader = await el.backend.open(meta.relative_path, expect_size=expect)
-    except ObjectMissing:
-        raise NotFound(f"File {file_id} not found: its stored data is missing") from None
-    try:
-        if reader.info.size != meta.file_size:
-            raise _damaged(meta)
-        return await _send(request, meta, reader, headers, ranges)
+        if reader.info.size != served.file_size:
+            raise _damaged(served)
+        return await _send(request, served, reader, headers, ranges)
     finally:
         await reader.close()
+
+
+async def _open(el, served: Served, expect: int | None) -> Reader:
+    try:
+        return await el.backend.open(served.relative_path, expect_size=expect)
+    except ObjectMissing:
+        raise _Gone from None
 
 
 async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
@@ -143,12 +167,12 @@ async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
     return resp
 
 
-def _damaged(meta: FileMeta) -> DamagedFile:
+def _damaged(meta: Served) -> DamagedFile:
     return DamagedFile(f"Stored data of {meta.file_id} is damaged (size differs); "
                        "an operator has been told")
 
 
-async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
+async def _prime(meta: Served, reader: Reader, part: tuple[bytes, int, int]
                  ) -> tuple[bytes, AsyncGenerator[bytes, None]] | None:
     """For an object without a local file (S3): the first chunk of the first part and the
     rest of its stream, read before any header so a vanished object is a clean 404.
@@ -161,7 +185,7 @@ async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
         return await anext(stream), stream
     except ObjectMissing:
         await stream.aclose()
-        raise NotFound(f"File {meta.file_id} not found: its stored data is missing") from None
+        raise _Gone from None
     except SizeMismatch:
         await stream.aclose()
         raise _damaged(meta) from None
@@ -170,7 +194,7 @@ async def _prime(meta: FileMeta, reader: Reader, part: tuple[bytes, int, int]
         raise
 
 
-def _abort(request: web.Request, meta: FileMeta, exc: Exception) -> None:
+def _abort(request: web.Request, meta: Served, exc: Exception) -> None:
     """Close the connection mid-body; a second response would corrupt the stream."""
     if isinstance(exc, ConnectionError):
         log.debug("client of %s went away: %r", meta.file_id, exc)
