@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import random
 import shutil
@@ -32,7 +33,18 @@ import asyncpg
 import psutil
 import pytest
 from relharness import PROFILES, RESULTS, Timer, inspect_store, wait_until
-from relmodel import ABSENT, EXPECTED, Chain, Op, half_patches, judge, observe, send, sha_of
+from relmodel import (
+    ABSENT,
+    EXPECTED,
+    Chain,
+    Op,
+    State,
+    half_patches,
+    judge,
+    observe,
+    send,
+    sha_of,
+)
 
 from storage.embedded import EmbeddedPostgres
 
@@ -179,12 +191,20 @@ async def _status(session, url: str) -> int:
         return 0
 
 
-async def _down_checks(url: str, headers: dict[str, str], fid: str) -> list[str]:
-    """Every kind of request while the database is down: 503 + detail, health split."""
+async def _down_checks(url: str, headers: dict[str, str], fid: str,
+                       served: str) -> list[str]:
+    """Every kind of request while the database is down: 503 + detail, health split.
+    A download of a file served in the last minute (``served``) needs no database and
+    keeps working (guide R6), byte for byte."""
     problems = []
     async with aiohttp.ClientSession(headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=20)) as session:
         base = f"{url}/api/v1/files"
+        async with session.get(f"{base}/{served}/download") as resp:
+            data = await resp.read()
+        if resp.status != 200 or hashlib.sha256(data).hexdigest() != sha_of(served, 50_000):
+            problems.append(f"download of {served}, served a moment ago: {resp.status} "
+                            "while PG is down")
         calls = [
             ("GET", f"{base}/{fid}", {}), ("GET", f"{base}/{fid}/download", {}),
             ("GET", base, {}), ("PATCH", f"{base}/{fid}", {"json": {"description": "x"}}),
@@ -232,6 +252,18 @@ async def test_postgres_dies_mid_traffic(profile, database, server_factory, serv
                     assert op.status == 201, op.body
                     op.outcome = "ack"
                     seed_chains.append(Chain(fid, ABSENT, [op], sha=sha_of(fid, 50_000)))
+            # two files the traffic never touches: one never downloaded, one downloaded
+            # now (in the process's memory during the outage)
+            cold, warm = (Op("upload", str(uuid.uuid4()), tag, 50_000, "put")
+                          for tag in ("cold", "warm"))
+            async with aiohttp.ClientSession(headers=headers) as session:
+                for spare in (cold, warm):
+                    await send(session, server.url, spare)
+                    assert spare.status == 201, spare.body
+                    model[spare.fid] = State(True, sha_of(spare.fid, 50_000), spare.tag)
+                async with session.get(f"{server.url}/api/v1/files/{warm.fid}/download") as r:
+                    assert r.status == 200
+                    await r.read()
             start_states = {c.fid: next(iter(c.allowed())) for c in seed_chains}
             traffic = Traffic(server.url, headers, 611 + number, list(start_states))
             runner = asyncio.create_task(traffic.run(start_states))
@@ -239,7 +271,7 @@ async def test_postgres_dies_mid_traffic(profile, database, server_factory, serv
             crash = number % 2 == 1
             await asyncio.to_thread(database.kill if crash else database.stop)
             await asyncio.sleep(0.5)
-            failures += await _down_checks(server.url, headers, seed_chains[0].fid)
+            failures += await _down_checks(server.url, headers, cold.fid, warm.fid)
             await asyncio.sleep(0.5)
             await asyncio.to_thread(database.start)
             pid, url = server.pid, server.url
