@@ -97,12 +97,28 @@ def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
     """The attr.json bytes for ``meta``; :raises BadRequest: when over 4096 bytes."""
     try:
         doc = attrmeta.to_doc(meta, extra)
-        data = attrs.dumps(doc)
+        data = doc.serialize()  # validated as it was built
         if len(data) > attrs.MAX_ATTR_SIZE:
             attrs.check_size(doc)  # raises, naming the field that contributes most
         return data
     except attrs.AttrError as exc:
         raise BadRequest(exc.reason) from None
+
+
+ATTR_FIXED_PART = 1024  # an attr document with every text field empty is shorter
+
+
+def attr_surely_fits(meta: FileMeta) -> bool:
+    """True when ``meta``'s attr document cannot exceed the 4 KiB limit whatever its
+    size and checksum: no metadata, and even at six bytes per character (a JSON escape)
+    the texts fit beside the fixed part.  Saves building the document twice per upload
+    (it is built for real, and checked again, at commit)."""
+    if meta.metadata_json:
+        return False
+    texts = (meta.original_filename, meta.storage_filename, meta.content_type,
+             meta.created_by_id, meta.created_by_username, meta.created_by_fullname,
+             meta.storage_path, meta.description, meta.version)
+    return ATTR_FIXED_PART + 6 * sum(len(t) for t in texts if t) <= attrs.MAX_ATTR_SIZE
 
 
 def _refuse(el: Element, r: repo.Reservation, need: int) -> None:
@@ -252,7 +268,8 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     now = utcnow()
     file_id = spec.file_id or uuid.uuid4()
     meta = build_meta(spec, who, file_id, now)
-    attr_document(meta)  # 400 up front when the attr file would be too large
+    if not attr_surely_fits(meta):
+        attr_document(meta)  # 400 up front when the attr file would be too large
     txid = uuid.uuid4()
     need, fallback = _first_reservation(el, spec)
     # The writer touches nothing until its first write, so its temp path can go

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storage import attrs
 from storage.attrs import (
@@ -23,6 +25,7 @@ from storage.attrs import (
     detect_version,
     dumps,
     export_v1,
+    indent2,
     loads,
     migrate_v1_to_v2,
     read_file,
@@ -477,3 +480,65 @@ class TestFiles:
         monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd)) or real_fsync(fd))
         write_atomic(tmp_path / "a.attr.json", b"{}")
         assert len(synced) == 2 and synced[-1].st_ino == tmp_path.stat().st_ino
+
+
+# --- fast serialisation (issue 16) ---------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), json_values, min_size=1, max_size=6))
+def test_indent2_is_json_dumps_indent_2_byte_for_byte(doc):
+    assert indent2(doc) == json.dumps(doc, indent=2, ensure_ascii=False)
+
+
+def test_serialize_equals_dumps_of_the_checked_document():
+    doc = AttrDoc(**fields(custom_attributes={"a": [1, {"b": "é"}], "c": {}}))
+    assert doc.serialize() == json.dumps(doc.to_dict(), indent=2,
+                                         ensure_ascii=False).encode("utf-8")
+    assert dumps(doc) == doc.serialize()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=400), st.text(max_size=600), st.text(max_size=60))
+def test_a_document_said_to_fit_always_fits(name, description, username):
+    from storage import attrmeta
+    from storage.access import Identity
+    from storage.models import utcnow
+    from storage.naming import NamingError
+    from storage.uploads import UploadSpec, attr_surely_fits, build_meta
+
+    who = Identity(sub="s" * 30, name=username, role="user", token_type="user",
+                   is_service_account=False)
+    spec = UploadSpec(original_filename=name, description=description or None)
+    try:
+        meta = build_meta(spec, who, uuid.uuid4(), utcnow())
+    except (NamingError, ValueError, attrs.AttrError):
+        return  # a name the naming rules refuse
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "status", None) == 400:
+            return
+        raise
+    meta.file_size, meta.checksum = 10**15, "f" * 64
+    try:
+        doc = attrmeta.to_doc(meta)
+    except attrs.AttrError:
+        return  # a text the document refuses (NUL, lone surrogate): a 400 anyway
+    if attr_surely_fits(meta):
+        assert len(doc.serialize()) <= MAX_ATTR_SIZE
+
+
+def test_the_fixed_part_of_a_document_is_within_its_allowance():
+    from storage.uploads import ATTR_FIXED_PART
+
+    empty = AttrDoc(**fields(original_filename="a", storage_filename="a",
+                             content_type="", created_by_id="", created_by_username="",
+                             created_by_fullname=None, description=None, version=None,
+                             storage_path="", custom_attributes={}, file_size=10**15))
+    assert len(empty.serialize()) < ATTR_FIXED_PART
