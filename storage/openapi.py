@@ -35,12 +35,14 @@ STATUS_TEXT = {
     408: "The client stopped sending the body",
     409: "Conflict: duplicate file id, or a mode transition that is not allowed",
     412: "A precondition (If-Match) failed",
-    413: "Body or file larger than allowed",
+    413: "Body or file larger than allowed (for files: only when STORAGE_MAX_FILE_SIZE is "
+         "set; a file that cannot fit the element is 507)",
     416: "Range not satisfiable",
     422: "Validation error: a parameter has the wrong format (see errors)",
     500: "Internal error (never with a traceback)",
     503: "The database or the storage is unavailable, or a maintenance lock is busy",
-    507: "Not enough capacity or disk space for the file",
+    507: "Not enough capacity or disk space for the file (also a file larger than the "
+         "element's whole capacity): try another element",
 }
 
 

@@ -79,7 +79,7 @@ async def test_values_move_after_upload_download_and_delete(client, auth):
 
 async def test_failed_uploads_count_as_errors_and_paths_never_become_labels(app_factory, auth):
     client = await app_factory(storage_max_size=100)
-    await upload(client, auth(), b"x" * 500, status=413)
+    await upload(client, auth(), b"x" * 500, status=507)
     resp = await client.get("/no/such/path/with/a/unique/" + uuid.uuid4().hex)
     assert resp.status == 404
     after = await scrape(client)
