@@ -307,7 +307,9 @@ def _files_paths() -> dict[str, Any]:
                  "with skip/limit. With any of them: the search result. " + SEARCH_NOTE)
     upload_fields = _obj({
         "file": {"type": "string", "contentMediaType": "application/octet-stream",
-                 "description": "The file; its part filename and Content-Type are stored"},
+                 "description": "The file; its part filename and Content-Type are stored. "
+                 "A `file` part without a filename (curl `-F file=name` instead of "
+                 "`-F file=@path`) is a text field, refused with 400"},
         "description": {**TEXT, "maxLength": 4096}, "version": {**TEXT, "maxLength": 50},
         "file_id": {**UUID, "description": "Keep this id (finalization); 409 if it exists"},
         "metadata": {"type": "string", "description": "A JSON object, as text"},

@@ -12,6 +12,7 @@ import re
 import uuid
 
 import pytest
+from aiohttp import FormData
 from helpers import (
     BOTH_BACKENDS,
     backend_of,
@@ -305,6 +306,24 @@ async def test_a_file_larger_than_the_element_is_507_without_a_per_file_cap(app_
     assert resp.status == 413
     head = f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nContent-Length: {n}\r\n"
     assert (await _status_before_body(client, auth, head)).startswith(b"HTTP/1.1 413 ")
+
+
+async def test_a_file_field_without_a_filename_is_400_and_nothing_is_stored(client, auth, config,
+                                                                           pg_dsn):
+    """``curl -F file=report.pdf`` (the @ forgotten) sends the text "report.pdf" in a part
+    with no filename: refused with a detail that says how to send a file."""
+    sent = FormData(default_to_multipart=True)  # curl -F always sends multipart
+    sent.add_field("description", "d")
+    sent.add_field("file", "report.pdf")  # exactly what curl sends for -F file=report.pdf
+    resp = await client.post(UPLOAD, data=sent, headers=auth())
+    body = await resp.json()
+    assert resp.status == 400 and resp.content_type == "application/problem+json"
+    assert "no filename" in body["detail"] and "-F file=@path" in body["detail"]
+    listing = await (await client.get("/api/v1/files", headers=auth())).json()
+    assert listing["total"] == 0
+    assert await stored_objects(config) == []
+    assert await wal_outcomes(pg_dsn, config) == []  # not even a reservation was made
+    await upload(client, auth(), b"%PDF", "report.pdf")  # the file part proper still works
 
 
 @BOTH_BACKENDS
