@@ -388,10 +388,12 @@ def _ops_paths() -> dict[str, Any]:
         "/api/v1/capacity": {"get": op("Capacity and health for the ingester", {
             "200": ok("Capacity")}, tags=["ops"], security=PUBLIC, op_id="get_capacity",
             description="available = what the next upload can get: min(STORAGE_MAX_SIZE - "
-            "stored - reserved, free disk - STORAGE_DISK_RESERVE - reserved); used = stored "
-            "+ reserved; total = used + available. health: healthy below "
-            "CAPACITY_CRITICAL_THRESHOLD percent used, degraded from there, unhealthy from "
-            "CAPACITY_FULL_THRESHOLD or when the database or storage is unreachable.")},
+            "stored - reserved, free disk - STORAGE_DISK_RESERVE - reserved) less a 64 KiB "
+            "allowance for multipart framing and form fields; used = stored + reserved; "
+            "total = STORAGE_MAX_SIZE, or used + what the filesystem still offers when that "
+            "is smaller. health: healthy below CAPACITY_CRITICAL_THRESHOLD percent used, "
+            "degraded from there, unhealthy from CAPACITY_FULL_THRESHOLD, when available is "
+            "0, or when the database or storage is unreachable.")},
         "/api/v1/mode": {
             "get": op("Current mode", {"200": ok("ModeInfo"), **errors(401, 503)},
                       tags=["mode"], op_id="get_mode"),

@@ -95,6 +95,8 @@ async def test_capacity_gauges_match_the_capacity_endpoint(client, auth):
     cap = await (await client.get("/api/v1/capacity")).json()
     m = await scrape(client)
     assert value(m, "storage_capacity_used_bytes") == cap["capacity"]["used"]
+    assert value(m, "storage_capacity_total_bytes") == cap["capacity"]["total"] == 1 << 30
+    assert value(m, "storage_capacity_free_bytes") == cap["capacity"]["available"]
     assert value(m, "storage_capacity_percent_used") == cap["capacity"]["percent_used"]
     assert value(m, "storage_health_status") == 0 and value(m, "storage_capacity_status") == 0
 
