@@ -426,7 +426,9 @@ def _ops_paths() -> dict[str, Any]:
             op_id="cache_rebuild_incremental")},
         "/api/v1/cache/consistency": {"get": op("Compare the cache with the attr files", {
             "200": ok("CacheConsistency"), **errors(401, 403, 409, 503)}, tags=["cache"],
-            op_id="cache_consistency")},
+            op_id="cache_consistency", description="A dry run. Files that an operation "
+            "touched while the scan ran (pending, or completed after the scan started on "
+            "the database clock) are left out; damage done before the scan is reported.")},
         "/api/v1/cache/cleanup-expired": {"post": op("Drop expired cache rows", {
             "200": ok("CacheResult"), **errors(401, 403, 409, 503)}, tags=["cache"],
             op_id="cache_cleanup_expired")},
