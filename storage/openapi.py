@@ -468,7 +468,12 @@ def build(version: str = "1.0.0") -> dict[str, Any]:
             "version": version,
             "description": "Drop-in replacement for artStore's storage element: files on "
             "local disk or S3, metadata in PostgreSQL. Every response carries X-Request-ID; "
-            "every error is application/problem+json with a string detail.",
+            "every error is application/problem+json with a string detail, including the "
+            "HTTP framing errors answered before any route is matched (so on any path): 414 "
+            "for a request target over 16 KiB, 431 for a header line over 24 KiB or more "
+            "than 128 headers, 400 for malformed framing (a bad request line or chunk size, "
+            "Content-Length with Transfer-Encoding); these carry a fresh X-Request-ID and "
+            "no CORS headers, as the request's headers were never read.",
         },
         "tags": [{"name": n} for n in ("files", "ops", "mode", "gc", "cache", "service")],
         "paths": {**_service_paths(), **_ops_paths(), **_files_paths()},
