@@ -3,8 +3,11 @@
 --
 -- A scan reads attr files while the element keeps serving, so a write can land between
 -- reading a document and writing its row.  The WAL says which files were in flux: an
--- operation still pending, or one completed after the "horizon" (the scan start on the
--- application clock, which stamps WAL rows, minus a skew margin).  Two rules use it:
+-- operation still pending, or one completed after the "horizon".  For the rebuilds the
+-- horizon is the scan start minus a skew margin (they write and delete rows); for the
+-- consistency report it is the scan start on the database clock, so only operations that
+-- overlap the scan are left out (WAL rows are stamped by the application: its hosts'
+-- clocks are assumed NTP-close to PostgreSQL's).  Two rules use it:
 --
 -- * before (re)inserting a row: skip files with a pending operation, or with a delete,
 --   quarantine or rolled-back upload completed since the horizon (their document may be

@@ -20,6 +20,7 @@ from .errors import error_middleware
 from .groupcommit import GroupCommit
 from .middleware import cors_middleware, request_middleware
 from .modes import load_persisted_mode, mode_ctx
+from .protocol import HANDLER_ARGS
 from .recovery import recovery_ctx
 from .routes import setup_routes
 from .runtime import Runtime
@@ -109,7 +110,7 @@ def make_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, request_middleware, cors_middleware, auth_middleware],
         client_max_size=1024 * 1024,
-        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+        handler_args=HANDLER_ARGS,  # the parser's limits: 414 / 431 (storage/protocol.py)
     )
     app[config_key] = config
     app[startup_hooks_key] = [load_persisted_mode]  # the persisted mode first: hooks see it

@@ -203,9 +203,12 @@ async def consistency(el: Element, *, batch: int = BATCH,
                       progress: Progress | None = None) -> dict:
     """Upstream's ``ConsistencyReport``: orphan rows, orphan attr files, expired rows."""
     q, scan_id = el.db.q, uuid.uuid4()
-    horizon = utcnow() - SKEW
     stats, errors = Statistics(), Errors()
     async with locks.hold(el.db, locks.MAINTENANCE, "cache consistency check") as conn:
+        # Only operations that overlap the scan are left out: the horizon is its start on
+        # the database clock (a report, so no SKEW margin: damage done a second before the
+        # check is reported, not hidden for five minutes).
+        horizon = await repo_cache.db_now(conn, q)
         await repo_cache.scan_clear(conn, q)  # leftovers of a crashed check
         try:
             async for relpaths in path_batches(el, batch):

@@ -4,26 +4,28 @@ The ingester sends a file to an element only when ``health == "healthy"`` and
 ``capacity.available >= file size`` (reference §14.1), so ``available`` is exactly
 what the next upload can get from ``uploads._reserve``, never more:
 
-- ``available = min(STORAGE_MAX_SIZE - stored - reserved,
-                    free disk - STORAGE_DISK_RESERVE - reserved) - UPLOAD_OVERHEAD``
-  (no disk term on S3), clamped at 0.  A multipart upload reserves its whole body
-  (``Content-Length``: file plus framing and form fields) before the file size is
-  known, so a file of exactly the remaining room would be refused; the 64 KiB
-  allowance covers the ingester's framing and fields.  Raw ``PUT`` bodies reserve
-  their exact size and can use the allowance too;
+- ``room = min(STORAGE_MAX_SIZE - stored - reserved,
+               free disk - STORAGE_DISK_RESERVE - reserved)`` (no disk term on S3);
+- ``available = room - UPLOAD_OVERHEAD``, clamped at 0.  A multipart upload reserves
+  its whole body (``Content-Length``: file plus framing and form fields) before the
+  file size is known, so a file of exactly the remaining room would be refused; the
+  64 KiB allowance covers the ingester's framing and fields.  Raw ``PUT`` bodies
+  reserve their exact size and can use the allowance too;
 - ``used = stored + reserved`` (committed file bytes from the trigger-maintained
   totals plus the reservations of uploads in flight);
-- ``total = used + available``: ``STORAGE_MAX_SIZE`` less the allowance while the
-  disk has room for it, less when the filesystem is the tighter limit (upstream
-  reported the whole filesystem there; the configured cap and the reserve are what
-  uploads obey);
+- ``total = STORAGE_MAX_SIZE``, or ``used`` plus what the filesystem still offers
+  (free disk less the reserve and the reservations) when that is smaller; never
+  below ``used``.  The allowance comes off ``available`` only, so ``used +
+  available`` is 64 KiB short of ``total`` while the element has room (upstream
+  reported the whole filesystem as ``total``; the configured cap and the reserve are
+  what uploads obey);
 - ``percent_used = used / total * 100`` (2 decimals; 100 when ``total`` is 0).
 
 ``health``: healthy below ``CAPACITY_CRITICAL_THRESHOLD`` percent used, degraded
-from there, unhealthy from ``CAPACITY_FULL_THRESHOLD`` or when the database or the
-storage cannot be reached (then ``available`` is 0).  Everything is O(1): one
-row of ``<prefix>_config``, the pending WAL rows and one ``statvfs``; S3 is never
-listed.
+from there, unhealthy from ``CAPACITY_FULL_THRESHOLD``, when nothing more fits
+(``available`` 0: level ``full``) or when the database or the storage cannot be
+reached (then ``available`` is 0).  Everything is O(1): one row of
+``<prefix>_config``, the pending WAL rows and one ``statvfs``; S3 is never listed.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def compute(config: Config, usage: Usage, free: int | None) -> tuple[int, int, i
     if free is not None:
         room = min(room, free - config.storage_disk_reserve - usage.reserved)
     available = max(room - UPLOAD_OVERHEAD, 0)
-    total = used + available
+    total = used + max(room, 0)  # = STORAGE_MAX_SIZE unless the disk offers less
     percent = round(used / total * 100, 2) if total > 0 else 100.0
     return total, used, available, percent
 
@@ -139,6 +141,6 @@ async def snapshot(el: Element) -> Capacity:
                         health="unhealthy", level=level_for(percent, el.config), usage=used_now,
                         problems=tuple(problems))
     total, used, available, percent = compute(el.config, used_now, free)
-    level = level_for(percent, el.config)
+    level = level_for(percent, el.config) if available else "full"
     return Capacity(total=total, used=used, available=available, percent_used=percent,
                     health=health_for(level, True), level=level, usage=used_now)

@@ -156,6 +156,14 @@ _DB_DOWN = (
 )
 
 
+def parser_reason(exc: HttpProcessingError) -> str:
+    """aiohttp's parser message on one line, without its echo of the bytes and the caret."""
+    lines = (line.strip() for line in (exc.message or "").splitlines())
+    kept = [line.rstrip(":") for line in lines
+            if line and not line.startswith(("b'", 'b"', "bytearray(", "^"))]
+    return ": ".join(kept)[:200] or type(exc).__name__
+
+
 def _http_detail(exc: web.HTTPException) -> str:
     if exc.status == 404:
         return "Not Found"
@@ -178,8 +186,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
         return problem(exc.status, _http_detail(exc), headers=headers)
     except HttpProcessingError as exc:  # malformed framing found while reading the body
-        reason = (exc.message or type(exc).__name__).strip().splitlines()[0][:200]
-        return problem(400, f"Malformed request: {reason}", code="malformed_request")
+        return problem(400, f"Malformed request: {parser_reason(exc)}",
+                       code="malformed_request")
     except asyncio.CancelledError:
         raise
     except TimeoutError:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from .appkeys import runtime_key
 from .config import Config
+from .protocol import Runner
 
 log = logging.getLogger("storage")
 CANCEL_GRACE = 2.0  # for cancelled handlers to clean up after the drain timed out
@@ -52,7 +53,7 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before startup: an early SIGTERM is kept
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(
+    runner = Runner(  # aiohttp's own HTTP errors as problem+json too
         app, handle_signals=False, access_log=None, handler_cancellation=False,
         shutdown_timeout=CANCEL_GRACE,
         keepalive_timeout=getattr(config, "keepalive_timeout", 75.0),

@@ -35,12 +35,14 @@ STATUS_TEXT = {
     408: "The client stopped sending the body",
     409: "Conflict: duplicate file id, or a mode transition that is not allowed",
     412: "A precondition (If-Match) failed",
-    413: "Body or file larger than allowed",
+    413: "Body or file larger than allowed (for files: only when STORAGE_MAX_FILE_SIZE is "
+         "set; a file that cannot fit the element is 507)",
     416: "Range not satisfiable",
     422: "Validation error: a parameter has the wrong format (see errors)",
     500: "Internal error (never with a traceback)",
     503: "The database or the storage is unavailable, or a maintenance lock is busy",
-    507: "Not enough capacity or disk space for the file",
+    507: "Not enough capacity or disk space for the file (also a file larger than the "
+         "element's whole capacity): try another element",
 }
 
 
@@ -305,7 +307,9 @@ def _files_paths() -> dict[str, Any]:
                  "with skip/limit. With any of them: the search result. " + SEARCH_NOTE)
     upload_fields = _obj({
         "file": {"type": "string", "contentMediaType": "application/octet-stream",
-                 "description": "The file; its part filename and Content-Type are stored"},
+                 "description": "The file; its part filename and Content-Type are stored. "
+                 "A `file` part without a filename (curl `-F file=name` instead of "
+                 "`-F file=@path`) is a text field, refused with 400"},
         "description": {**TEXT, "maxLength": 4096}, "version": {**TEXT, "maxLength": 50},
         "file_id": {**UUID, "description": "Keep this id (finalization); 409 if it exists"},
         "metadata": {"type": "string", "description": "A JSON object, as text"},
@@ -384,10 +388,12 @@ def _ops_paths() -> dict[str, Any]:
         "/api/v1/capacity": {"get": op("Capacity and health for the ingester", {
             "200": ok("Capacity")}, tags=["ops"], security=PUBLIC, op_id="get_capacity",
             description="available = what the next upload can get: min(STORAGE_MAX_SIZE - "
-            "stored - reserved, free disk - STORAGE_DISK_RESERVE - reserved); used = stored "
-            "+ reserved; total = used + available. health: healthy below "
-            "CAPACITY_CRITICAL_THRESHOLD percent used, degraded from there, unhealthy from "
-            "CAPACITY_FULL_THRESHOLD or when the database or storage is unreachable.")},
+            "stored - reserved, free disk - STORAGE_DISK_RESERVE - reserved) less a 64 KiB "
+            "allowance for multipart framing and form fields; used = stored + reserved; "
+            "total = STORAGE_MAX_SIZE, or used + what the filesystem still offers when that "
+            "is smaller. health: healthy below CAPACITY_CRITICAL_THRESHOLD percent used, "
+            "degraded from there, unhealthy from CAPACITY_FULL_THRESHOLD, when available is "
+            "0, or when the database or storage is unreachable.")},
         "/api/v1/mode": {
             "get": op("Current mode", {"200": ok("ModeInfo"), **errors(401, 503)},
                       tags=["mode"], op_id="get_mode"),
@@ -420,7 +426,9 @@ def _ops_paths() -> dict[str, Any]:
             op_id="cache_rebuild_incremental")},
         "/api/v1/cache/consistency": {"get": op("Compare the cache with the attr files", {
             "200": ok("CacheConsistency"), **errors(401, 403, 409, 503)}, tags=["cache"],
-            op_id="cache_consistency")},
+            op_id="cache_consistency", description="A dry run. Files that an operation "
+            "touched while the scan ran (pending, or completed after the scan started on "
+            "the database clock) are left out; damage done before the scan is reported.")},
         "/api/v1/cache/cleanup-expired": {"post": op("Drop expired cache rows", {
             "200": ok("CacheResult"), **errors(401, 403, 409, 503)}, tags=["cache"],
             op_id="cache_cleanup_expired")},
@@ -460,7 +468,12 @@ def build(version: str = "1.0.0") -> dict[str, Any]:
             "version": version,
             "description": "Drop-in replacement for artStore's storage element: files on "
             "local disk or S3, metadata in PostgreSQL. Every response carries X-Request-ID; "
-            "every error is application/problem+json with a string detail.",
+            "every error is application/problem+json with a string detail, including the "
+            "HTTP framing errors answered before any route is matched (so on any path): 414 "
+            "for a request target over 16 KiB, 431 for a header line over 24 KiB or more "
+            "than 128 headers, 400 for malformed framing (a bad request line or chunk size, "
+            "Content-Length with Transfer-Encoding); these carry a fresh X-Request-ID and "
+            "no CORS headers, as the request's headers were never read.",
         },
         "tags": [{"name": n} for n in ("files", "ops", "mode", "gc", "cache", "service")],
         "paths": {**_service_paths(), **_ops_paths(), **_files_paths()},

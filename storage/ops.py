@@ -2,8 +2,8 @@
 
 Each opens the element like the server does (same config, schema check, backend),
 runs one operation from :mod:`storage.cache`, :mod:`storage.recovery` or
-:mod:`storage.maintenance`, shows progress on stderr and prints a JSON summary on
-stdout.  Exit status: 0 = done and nothing wrong found, 1 = done but problems were
+:mod:`storage.maintenance`, shows progress on stderr (see :class:`Console`) and prints
+a JSON summary on stdout.  Exit status: 0 = done and nothing wrong found, 1 = done but problems were
 found or left (details in the summary), 2+ = could not run (as for every command).
 """
 
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 import asyncpg
+from tqdm import tqdm
 
 from . import cache, locks, maintenance, recovery, repo
 from .backends import make_backend
@@ -50,38 +51,52 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 class Console:
-    """A progress line on stderr (redrawn on a terminal, every 5 s otherwise)."""
+    """Progress on stderr, the JSON summary on stdout.
 
-    def __init__(self, out: TextIO, err: TextIO) -> None:
+    On a terminal, a tqdm bar redrawn at most twice a second with the rate and the ETA;
+    otherwise (a log file, a pipe) the same numbers as one plain line every
+    ``every`` seconds.  ``total`` is an estimate (the database's count): a bar may end
+    past it or short of it.
+    """
+
+    PLAIN = ("{desc}: {percentage:3.0f}% {n_fmt}/~{total_fmt} "
+             "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    PLAIN_OPEN = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # no estimate of the total
+
+    def __init__(self, out: TextIO, err: TextIO, *, every: float = 5.0) -> None:
         self.out, self.err = out, err
         self.tty = err.isatty()
+        self.every = every
         self.start = time.monotonic()
-        self.last = 0.0
-        self.shown = False
+        self.last: float | None = None
+        self.bar: tqdm | None = None
 
-    def progress(self, label: str, done: int, total: int | None, extra: str = "") -> None:
+    def progress(self, label: str, done: int, total: int | None, extra: str = "",
+                 unit: str = "file") -> None:
+        postfix = extra.lstrip(", ") or None
+        scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+        if self.tty:
+            if self.bar is None:
+                self.bar = tqdm(desc=label, total=total or None, unit=unit, file=self.err,
+                                mininterval=0.5, dynamic_ncols=True, **scale)
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
         now = time.monotonic()
-        if now - self.last < (0.5 if self.tty else 5.0):
+        if self.last is not None and now - self.last < self.every:
             return
         self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        if total:
-            frac = min(done / total, 1.0)
-            bar = "#" * int(frac * 24)
-            head = f"[{bar:<24}] {frac:4.0%} {done}/~{total}"
-        else:
-            head = f"{done}"
-        line = f"{label}: {head} ({rate:,.0f}/s){extra}"
-        if self.tty:
-            self.err.write("\r" + line[:150].ljust(80))
-        else:
-            self.err.write(line + "\n")
+        line = tqdm.format_meter(done, total or None, now - self.start, prefix=label,
+                                 unit=unit, postfix=postfix,
+                                 bar_format=self.PLAIN if total and done <= total
+                                 else self.PLAIN_OPEN, **scale)
+        self.err.write(line + "\n")
         self.err.flush()
-        self.shown = True
 
     def result(self, body: dict[str, Any]) -> None:
-        if self.shown and self.tty:
-            self.err.write("\n")
+        if self.bar is not None:
+            self.bar.close()
         elapsed = round(time.monotonic() - self.start, 2)
         self.out.write(json.dumps({**body, "elapsed_seconds": elapsed}, indent=2,
                                   ensure_ascii=False, default=str) + "\n")
@@ -156,7 +171,7 @@ async def _scrub(el: Element, args: argparse.Namespace, con: Console) -> int:
     def show(tally: maintenance.Tally) -> None:
         done = tally.counts.get("bytes_checked", 0)
         bad = sum(tally.counts.get(k, 0) for k in ("corrupt", "size_mismatch", "missing_data"))
-        con.progress("scrub (bytes)", done, total_bytes, f", {bad} problem(s)")
+        con.progress("scrub", done, total_bytes, f", {bad} problem(s)", unit="B")
 
     tally = await maintenance.scrub(el, move=args.quarantine,
                                     rate=args.max_mib_per_second * 1024 * 1024, progress=show)

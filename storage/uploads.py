@@ -62,6 +62,19 @@ def max_file_size(el: Element) -> int:
     return cap if cap > 0 else el.config.storage_max_size
 
 
+def _over_limit(el: Element, size: int | None) -> StorageError:
+    """A file over :func:`max_file_size`: 413 only when ``STORAGE_MAX_FILE_SIZE`` is set
+    explicitly; without it the limit is the element's capacity, and a file that cannot
+    fit the element is 507, the one status on which artStore's ingester tries another
+    element (any other refusal ends the upload)."""
+    cap, what = max_file_size(el), "File" if size is None else f"File size {size}"
+    if el.config.storage_max_file_size > 0:
+        return PayloadTooLarge(f"{what} exceeds the maximum of {cap} bytes",
+                               headers={"Connection": "close"})
+    return InsufficientStorage(f"Not enough capacity: {what.lower()} exceeds the element's "
+                               f"capacity of {cap} bytes", headers={"Connection": "close"})
+
+
 def file_size_bound(body_length: int) -> int:
     """The largest file a multipart body of ``body_length`` bytes can carry, as far as
     limits go: the framing and form fields get :data:`FORM_ALLOWANCE` (a file of
@@ -71,11 +84,10 @@ def file_size_bound(body_length: int) -> int:
 
 
 def check_declared_size(el: Element, size: int | None) -> None:
-    """413 before any byte is read when the announced size is over the per-file cap."""
-    cap = max_file_size(el)
-    if size is not None and size > cap:
-        raise PayloadTooLarge(f"File size {size} exceeds the maximum of {cap} bytes",
-                              headers={"Connection": "close"})
+    """413 or 507 (see :func:`_over_limit`) before any byte is read when the announced
+    size is over the limit."""
+    if size is not None and size > max_file_size(el):
+        raise _over_limit(el, size)
 
 
 def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetime) -> FileMeta:
@@ -202,8 +214,7 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
                 raise ClientGone(f"The upload was interrupted: {exc}") from None
             received += len(chunk)
             if received > cap:
-                raise PayloadTooLarge(f"File exceeds the maximum of {cap} bytes",
-                                      headers={"Connection": "close"})
+                raise _over_limit(el, None)
             if received > reserved:
                 # A body of known length (multipart) never needs more than that length.
                 reserved = await _grow(el, txid, reserved, received, most)

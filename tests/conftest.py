@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 from storage.app import make_app
 from storage.config import Config
 from storage.devkeys import ensure_dev_keys, mint_token
 from storage.embedded import EmbeddedPostgres
+from storage.protocol import Runner
 
 S3_BUCKET = "se-tests"
 S3_PART = 5 * 1024 * 1024  # the smallest multipart threshold S3 allows
@@ -154,10 +156,18 @@ def auth(token) -> Callable[..., dict[str, str]]:
     return headers
 
 
+class AppServer(TestServer):
+    """aiohttp's test server with the element's runner, as ``python run.py`` serves:
+    aiohttp's own HTTP errors are problem+json too (storage/protocol.py)."""
+
+    async def _make_runner(self, **kwargs) -> Runner:
+        return Runner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def client(aiohttp_client, config):
     """A test client on a fresh app (fresh prefix, fresh storage directory)."""
-    return await aiohttp_client(make_app(config))
+    return await aiohttp_client(AppServer(make_app(config)))
 
 
 @pytest.fixture
@@ -165,7 +175,7 @@ def app_factory(aiohttp_client, make_config):
     """Start extra apps: ``await app_factory(**config_overrides)`` → test client."""
 
     async def start(**overrides):
-        return await aiohttp_client(make_app(make_config(**overrides)))
+        return await aiohttp_client(AppServer(make_app(make_config(**overrides))))
 
     return start
 

@@ -20,7 +20,7 @@ from cache_helpers import (
 )
 from helpers import upload
 
-from storage import cache, files, locks, naming
+from storage import cache, files, locks, naming, repo_cache
 from storage.access import Identity
 from storage.models import FileMeta, utcnow
 
@@ -297,6 +297,44 @@ async def test_consistency_report_counts_orphans_both_ways_and_expired(
     assert len(details["orphan_cache_entries"]) == 10
     assert set(details["orphan_cache_entries"]) <= {str(s) for s in strays}
     assert sorted(details["expired_cache_entries"]) == sorted(ids[1:3])
+
+
+async def test_consistency_reports_damage_done_right_after_an_upload(client, auth, config,
+                                                                     pg_dsn):
+    """The horizon is the scan start on the database clock: a file whose data and attr
+    are removed by hand a moment after its upload is reported at once (it was hidden for
+    five minutes), by the API and by ``python run.py check``'s code path alike."""
+    from test_recovery import _ops
+
+    fid = (await upload(client, auth(), b"soon gone", "gone.txt"))["file_id"]
+    kept = (await upload(client, auth(), b"stays", "kept.txt"))["file_id"]
+    for path in config.storage_local_base_path.rglob("*"):
+        if path.is_file() and fid in path.name:
+            path.unlink()  # the data file and its attr document
+    report = (await _call(client, auth, "GET", "/api/v1/cache/consistency"))["report"]
+    assert report["orphan_cache_count"] == 1 and not report["is_consistent"]
+    assert report["details"]["orphan_cache_entries"] == [fid]
+    code, body, _ = await _ops(config, pg_dsn, "check")
+    assert code == 1 and body["details"]["orphan_cache_entries"] == [fid]
+    assert kept not in body["details"]["orphan_cache_entries"]
+
+
+async def test_consistency_skips_operations_that_overlap_the_scan(client, auth, monkeypatch):
+    """Files deleted after the walk saw their attr documents, before the comparison, are
+    not reported: their WAL entries completed after the scan started."""
+    el = element(client)
+    ids = [(await upload(client, auth(), b"x", f"{i}.txt"))["file_id"] for i in range(2)]
+    real = repo_cache.scan_analyze
+
+    async def delete_then_analyze(conn, q):
+        for fid in ids:
+            await files.delete(el, uuid.UUID(fid), WHO)
+        await real(conn, q)
+
+    monkeypatch.setattr(repo_cache, "scan_analyze", delete_then_analyze)
+    report = await cache.consistency(el)
+    assert report["total_attr_files"] == 2 and report["total_cache_entries"] == 0
+    assert report["is_consistent"], report
 
 
 async def test_consistent_element_and_empty_element(client, auth):

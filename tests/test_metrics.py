@@ -79,7 +79,7 @@ async def test_values_move_after_upload_download_and_delete(client, auth):
 
 async def test_failed_uploads_count_as_errors_and_paths_never_become_labels(app_factory, auth):
     client = await app_factory(storage_max_size=100)
-    await upload(client, auth(), b"x" * 500, status=413)
+    await upload(client, auth(), b"x" * 500, status=507)
     resp = await client.get("/no/such/path/with/a/unique/" + uuid.uuid4().hex)
     assert resp.status == 404
     after = await scrape(client)
@@ -95,6 +95,8 @@ async def test_capacity_gauges_match_the_capacity_endpoint(client, auth):
     cap = await (await client.get("/api/v1/capacity")).json()
     m = await scrape(client)
     assert value(m, "storage_capacity_used_bytes") == cap["capacity"]["used"]
+    assert value(m, "storage_capacity_total_bytes") == cap["capacity"]["total"] == 1 << 30
+    assert value(m, "storage_capacity_free_bytes") == cap["capacity"]["available"]
     assert value(m, "storage_capacity_percent_used") == cap["capacity"]["percent_used"]
     assert value(m, "storage_health_status") == 0 and value(m, "storage_capacity_status") == 0
 

@@ -78,7 +78,8 @@ async def test_capacity_has_the_ingester_keys_and_types(client):
         "se-local-01", "edit", "local", "dc1")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", cap["last_update"])
     total = cap["capacity"]
-    assert total["total"] == total["used"] + total["available"]
+    assert total["total"] == 1 << 30  # STORAGE_MAX_SIZE, the allowance comes off available
+    assert total["total"] - total["used"] - total["available"] == capacity.UPLOAD_OVERHEAD
 
 
 @pytest.mark.parametrize("percent, expected", [
@@ -95,13 +96,17 @@ def test_thresholds_map_to_levels_and_health(percent, expected):
 
 
 def test_available_is_the_smaller_of_capacity_left_and_disk_left_minus_framing():
+    """``total`` is STORAGE_MAX_SIZE (or what the disk offers when less); the multipart
+    allowance comes off ``available`` only."""
     o = capacity.UPLOAD_OVERHEAD
-    config = Config(storage_max_size=1_000_000 + o, storage_disk_reserve=100)
+    config = Config(storage_max_size=1_000_000, storage_disk_reserve=100)
     use = capacity.Usage(stored=300_000, files=3, reserved=200_000, pending_wal=1)
-    assert capacity.compute(config, use, None) == (1_000_000, 500_000, 500_000, 50.0)
-    # the disk is tighter: free - reserve - reserved - overhead = 150_000
-    assert capacity.compute(config, use, 350_100 + o) == (650_000, 500_000, 150_000, 76.92)
+    assert capacity.compute(config, use, None) == (1_000_000, 500_000, 500_000 - o, 50.0)
+    # the disk is tighter: free - reserve - reserved = 150_000 (+ the allowance) of room
+    assert capacity.compute(config, use, 350_100 + o) == (650_000 + o, 500_000, 150_000, 69.88)
     assert capacity.compute(config, use, 10) == (500_000, 500_000, 0, 100.0)
+    over = capacity.Usage(stored=1_200_000, files=9, reserved=0, pending_wal=0)  # cap lowered
+    assert capacity.compute(config, over, None) == (1_200_000, 1_200_000, 0, 100.0)
     empty = capacity.Usage(0, 0, 0, 0)
     assert capacity.compute(config, empty, 0) == (0, 0, 0, 100.0)
 
@@ -115,23 +120,29 @@ async def _put(client, headers, size: int, status: int = 201) -> dict:
 
 async def test_full_element_says_so_and_refuses_uploads_with_507(app_factory, auth):
     o = capacity.UPLOAD_OVERHEAD
-    client = await app_factory(storage_max_size=1_000_000 + o)
+    client = await app_factory(storage_max_size=1_000_000)
+    cap = await _json(client, "/api/v1/capacity")
+    assert cap["capacity"] == {"total": 1_000_000, "used": 0, "available": 1_000_000 - o,
+                               "percent_used": 0.0}
     await _put(client, auth(), 850_000)
     cap = await _json(client, "/api/v1/capacity")
-    assert cap["capacity"] == {"total": 1_000_000, "used": 850_000, "available": 150_000,
+    assert cap["capacity"] == {"total": 1_000_000, "used": 850_000, "available": 150_000 - o,
                                "percent_used": 85.0}
     assert cap["health"] == "healthy"  # warning level only
     await _put(client, auth(), 60_000)
     cap = await _json(client, "/api/v1/capacity")
     assert (cap["capacity"]["percent_used"], cap["health"]) == (91.0, "degraded")
-    await _put(client, auth(), 80_000)
+    await _put(client, auth(), 80_000 - o)
     cap = await _json(client, "/api/v1/capacity")
-    assert cap["capacity"]["available"] == 10_000 and cap["health"] == "unhealthy"
+    assert cap["capacity"]["available"] == 10_000 and cap["health"] == "degraded"
     # what capacity advertises fits even as multipart (framing + fields included)
     await upload(client, auth(), b"m" * 10_000, description="d" * 2000, metadata='{"k": 1}')
     cap = await _json(client, "/api/v1/capacity")
-    assert cap["capacity"] == {"total": 1_000_000, "used": 1_000_000, "available": 0,
-                               "percent_used": 100.0}
+    assert cap["capacity"] == {"total": 1_000_000, "used": 1_000_000 - o, "available": 0,
+                               "percent_used": 93.45}
+    assert cap["health"] == "unhealthy"  # nothing more fits: full, whatever the percentage
+    info = await _json(client, "/api/v1/info")
+    assert info["capacity_bytes"] == cap["capacity"]["total"]
     body = await _put(client, auth(), o + 1, status=507)
     assert "capacity" in body["detail"].lower()
 

@@ -300,7 +300,7 @@ async def test_scrub_finds_and_quarantines_corrupt_files(client, auth, config, p
         "scanned": 5, "ok": 1, "corrupt": 1, "size_mismatch": 1, "missing_data": 1,
         "unreadable_attr": 1, "quarantined": 0}
     assert any(data[ids[0]].name in p for p in body["problems"])
-    assert "scrub (bytes)" in err or body["elapsed_seconds"] < 5
+    assert err.startswith("scrub: ") and "B/s" in err  # a plain progress line (not a TTY)
     code, body, _ = await _ops(config, pg_dsn, "scrub", quarantine=True)
     assert body["quarantined"] == 2
     for file_id in ids[:2]:  # gone from the API as a whole, kept aside for inspection
@@ -359,6 +359,75 @@ def test_run_py_recover_in_a_real_process(config, pg_dsn, keypair):
     body = json.loads(proc.stdout)
     assert body["mode"] == "exclusive" and body["temps_removed"] == 1
     assert not (root / ".tmp_leftover").exists()
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_few_seconds():
+    """Not a TTY (a log file, a pipe): plain lines with the rate and the ETA, at most one
+    per ``every`` seconds, never a carriage return; the JSON summary alone on stdout."""
+    out, err = io.StringIO(), io.StringIO()
+    con = ops.Console(out, err, every=3600)
+    for done in range(1, 6):
+        con.progress("check", done, 10, f", {done} error(s)")
+    assert err.getvalue().count("\n") == 1  # the first call shows; the rest are throttled
+    con = ops.Console(out, err := io.StringIO(), every=0)
+    for done in (1, 5, 12):
+        con.progress("rebuild", done, 10)
+    con.progress("scrub", 3 << 20, 8 << 20, unit="B")
+    con.progress("migrate-attrs", 7, None, ", 2 migrated")
+    con.result({"ok": True})
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue() and len(lines) == 5
+    assert lines[0].startswith("rebuild:  10% 1/~10 [") and "<" in lines[0]  # elapsed<ETA
+    assert lines[2].startswith("rebuild: 12 [")  # past the estimated total: no percentage
+    assert lines[3].startswith("scrub:  38% 3.00M/~8.00M [") and "B/s" in lines[3]
+    assert lines[4].startswith("migrate-attrs: 7 [") and lines[4].endswith(", 2 migrated]")
+    assert all("file/s" in line for line in lines[:3])
+    body = json.loads(out.getvalue().split("\n}\n")[-2] + "}")  # the second summary
+    assert body["ok"] is True and "elapsed_seconds" in body
+
+
+async def test_run_py_check_on_a_terminal_draws_a_bar_with_rate_and_eta(client, auth, config,
+                                                                        pg_dsn, keypair):
+    """``python run.py check`` with stderr on a terminal (a pty): a redrawn tqdm bar with
+    the rate and the ETA; stdout (a pipe) still carries exactly the JSON summary."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    for i in range(3):
+        await upload(client, auth(), f"f{i}".encode(), f"f{i}.txt")
+    env = {**os.environ, "DATABASE_URL": pg_dsn, "DB_TABLE_PREFIX": config.table_prefix,
+           "STORAGE_LOCAL_BASE_PATH": str(config.storage_local_base_path),
+           "JWT_PUBLIC_KEY_PATH": str(keypair[1]), "LOG_FORMAT": "text",
+           "DATA_DIR": str(config.data_dir)}
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "run.py"), "check", cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+        os.close(slave)
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, shown
+    text = shown.decode("utf-8", "replace")
+    assert "\r" in text  # redrawn in place
+    assert re.search(r"check: 100%\|.+\| 3/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+file/s\]", text), text
+    body = json.loads(stdout)
+    assert body["is_consistent"] is True and body["total_attr_files"] == 3
+    assert set(body) >= {"total_cache_entries", "orphan_cache_count", "elapsed_seconds"}
 
 
 @pytest.mark.parametrize("bad", [b"", b"{", b'{"file_id": 1}'])

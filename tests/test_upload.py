@@ -12,6 +12,7 @@ import re
 import uuid
 
 import pytest
+from aiohttp import FormData
 from helpers import (
     BOTH_BACKENDS,
     backend_of,
@@ -257,6 +258,74 @@ async def test_per_file_cap_413_before_and_while_streaming(app_factory, auth):
     assert await stored_objects(config_of(client)) == []
 
 
+async def _status_before_body(client, auth, head: str) -> bytes:
+    """The status line the server answers to request headers alone (no body byte sent)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write((head + f"Host: x\r\nAuthorization: {auth()['Authorization']}\r\n\r\n"
+                      ).encode())
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+@BOTH_BACKENDS
+async def test_a_file_larger_than_the_element_is_507_without_a_per_file_cap(app_factory, auth):
+    """artStore's ingester tries the next element only on 507: with no explicit
+    STORAGE_MAX_FILE_SIZE, a file that cannot fit the element is 507, never 413, however
+    it is sent, and before the body is read when its length is declared."""
+    client = await app_factory(storage_max_size=256 * 1024)
+    big = b"x" * (400 * 1024)
+    for resp in (await client.post(UPLOAD, data=form(big), headers=auth()),
+                 await client.put(f"/api/v1/files/{uuid.uuid4()}", data=big, headers=auth())):
+        body = await resp.json()
+        assert resp.status == 507, body
+        assert resp.content_type == "application/problem+json"
+        assert body["detail"].startswith("Not enough capacity")
+
+    async def chunked():
+        for _ in range(10):
+            yield b"y" * (40 * 1024)
+
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=chunked(), headers=auth())
+    assert resp.status == 507
+    n = len(big) + 70_000  # over the capacity even less the multipart allowance
+    for head in (f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nContent-Length: {n}\r\n",
+                 f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nContent-Length: {n}\r\n"
+                 "Expect: 100-continue\r\n",
+                 f"POST {UPLOAD} HTTP/1.1\r\nContent-Length: {n}\r\n"
+                 "Content-Type: multipart/form-data; boundary=b\r\n",
+                 f"POST {UPLOAD} HTTP/1.1\r\nContent-Length: {n}\r\n"
+                 "Content-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n"):
+        assert (await _status_before_body(client, auth, head)).startswith(b"HTTP/1.1 507 ")
+    assert await stored_objects(config_of(client)) == []
+    # an explicit per-file cap is what 413 is for
+    client = await app_factory(storage_max_size=256 * 1024, storage_max_file_size=300 * 1024)
+    resp = await client.put(f"/api/v1/files/{uuid.uuid4()}", data=big, headers=auth())
+    assert resp.status == 413
+    head = f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nContent-Length: {n}\r\n"
+    assert (await _status_before_body(client, auth, head)).startswith(b"HTTP/1.1 413 ")
+
+
+async def test_a_file_field_without_a_filename_is_400_and_nothing_is_stored(client, auth, config,
+                                                                           pg_dsn):
+    """``curl -F file=report.pdf`` (the @ forgotten) sends the text "report.pdf" in a part
+    with no filename: refused with a detail that says how to send a file."""
+    sent = FormData(default_to_multipart=True)  # curl -F always sends multipart
+    sent.add_field("description", "d")
+    sent.add_field("file", "report.pdf")  # exactly what curl sends for -F file=report.pdf
+    resp = await client.post(UPLOAD, data=sent, headers=auth())
+    body = await resp.json()
+    assert resp.status == 400 and resp.content_type == "application/problem+json"
+    assert "no filename" in body["detail"] and "-F file=@path" in body["detail"]
+    listing = await (await client.get("/api/v1/files", headers=auth())).json()
+    assert listing["total"] == 0
+    assert await stored_objects(config) == []
+    assert await wal_outcomes(pg_dsn, config) == []  # not even a reservation was made
+    await upload(client, auth(), b"%PDF", "report.pdf")  # the file part proper still works
+
+
 @BOTH_BACKENDS
 async def test_capacity_full_is_507_and_nothing_is_stored(app_factory, auth):
     client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
@@ -294,7 +363,7 @@ async def test_expect_100_continue_refused_without_reading_the_body(client, auth
                   "Expect: 100-continue\r\n\r\n").encode())
     await writer.drain()
     status = await asyncio.wait_for(reader.readline(), 5)
-    assert b" 507 " in status or b" 413 " in status
+    assert status.startswith(b"HTTP/1.1 507 ")  # larger than the element: 507, not 413
     writer.close()
 
 

@@ -230,6 +230,11 @@ async def upload(request: web.Request) -> web.Response:
     spec = UploadSpec(original_filename="file", size_bound=_declared(request),
                       digests=_digests(request))
     part = await walker.until_file(spec)
+    if part.filename is None:  # curl -F file=report.pdf: the text "report.pdf", not a file
+        raise BadRequest(
+            "The form part 'file' has no filename in its Content-Disposition, so it is a "
+            "text field, not a file; nothing was stored. Send the file as a file part, e.g. "
+            "curl -F file=@path (the @ makes curl read and attach the file)")
     spec.original_filename = validate.filename(part.filename) or "file"
     spec.content_type = validate.content_type(part.headers.get(hdrs.CONTENT_TYPE))
     meta = await uploads.store(el, spec, identity(request), walker.file_then_rest(part, spec))
