@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 
 from bench import load as L
+from bench import scaleout
+from bench.pgstat import Cluster, commits
 from bench.plan import build_plan, select, warmup_of
 from bench.procstat import ProcSampler
 from bench.report import Cell, compare_rows, machine_facts, make_chart, render_markdown, write_json
@@ -74,6 +76,7 @@ class Harness:
         self.ours_status = "not run (--ceiling-only)" if args.ceiling_only else "?"
         self.client_pid = os.getpid()
         self._noted_delete = False
+        self.ours_pg: Cluster | None = None
 
     # ------------------------------------------------------------------ servers
 
@@ -118,6 +121,9 @@ class Harness:
                 return
         self.targets.insert(0, (L.Target("ours", srv.base_url, "ours", token), srv))
         self.ours_status = "python run.py" + (" with STORAGE_TYPE=s3" if a.s3 else "")
+        pgdata = workdir / "ours" / "pg"
+        if (pgdata / "postmaster.pid").exists():  # the embedded default: measure it too
+            self.ours_pg = Cluster.of(pgdata)
 
     def fail_ours(self, why: str) -> None:
         self.failed_start = True
@@ -143,6 +149,9 @@ class Harness:
         label: str,
     ) -> tuple[L.LoadResult, dict[str, Any]]:
         live = L.LiveCounters()
+        pg = self.ours_pg if target.kind == "ours" and srv is not None else None
+        if pg is not None:  # what the element's PostgreSQL spends on the run
+            xacts0, pg_cpu0 = await commits(pg.dsn()), pg.cpu_seconds()
         watcher = asyncio.create_task(self.progress.watch(label, live, sc.requests))
         server_s = ProcSampler(srv.pid, interval=0.05) if srv and srv.pid else None
         client_s = ProcSampler(self.client_pid, interval=0.25)
@@ -168,6 +177,9 @@ class Harness:
         res_d = res.as_dict()
         res_d["client"] = cstats.as_dict()
         res_d["server"] = sstats.as_dict() if sstats else None
+        if pg is not None:
+            res_d["pg"] = {"cpu_s": pg.cpu_seconds() - pg_cpu0,
+                           "xacts": await commits(pg.dsn()) - xacts0}
         self.progress.note(
             f"{label}: {res.requests_ok}/{res.requests_planned} ok, {res.errors} err, "
             f"{res.req_s:.1f} req/s, {res.mib_s:.1f} MiB/s, p50 {res.p50_ms:.2f} ms, "
@@ -308,7 +320,7 @@ def write_reports(args: argparse.Namespace, report: dict[str, Any]) -> None:
 async def amain(args: argparse.Namespace) -> int:
     big = L.parse_size(args.big_size) if args.big_size else None
     plan = select(build_plan(args.quick, big, args.max_seconds), args.scenarios)
-    if not plan:
+    if not plan and not (args.scenarios and "scaleout" in args.scenarios):
         print("no scenario matches --scenarios", file=sys.stderr)
         return 2
     if args.requests_scale != 1.0:
@@ -349,6 +361,24 @@ async def amain(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    scaleout_md = None
+    if not (args.no_scaleout or args.ceiling_only or args.ours_url or args.s3) and (
+            args.scenarios is None or "scaleout" in args.scenarios):
+        so_args = scaleout.parse_args(
+            ["--repeats", str(args.repeats), *(["--quick"] if args.quick else []),
+             *(["--no-pin"] if args.no_pin else []),
+             *(["--workdir", args.workdir] if args.workdir else [])])
+        so_dir = Path(tempfile.mkdtemp(prefix="scaleout-", dir=base))
+        h.progress.note("scale-out: four elements on one PostgreSQL")
+        try:
+            runs, so_notes = await scaleout.run_scaleout(so_args, so_dir)
+            scaleout_md = scaleout.render(runs, so_args, so_notes)
+            if any(r.errors for r in runs):
+                h.notes.append("scale-out: some uploads failed (see its table)")
+        except (RuntimeError, OSError) as exc:
+            h.notes.append(f"scale-out not measured: {exc}")
+        finally:
+            shutil.rmtree(so_dir, ignore_errors=True)
     for c in cells:
         missing = sum(int(r.get("checksums_missing", 0)) for r in c.runs)
         if missing:
@@ -410,6 +440,7 @@ async def amain(args: argparse.Namespace) -> int:
         },
         "rows": compare_rows(ran, cell_map),
         "cells": [c.as_dict() for c in cells],
+        "scaleout": scaleout_md,
         "notes": h.notes,
     }
     write_reports(args, report)
@@ -487,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temp data dirs and logs")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers/client to CPUs")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--no-scaleout", action="store_true",
+                   help="skip the scale-out section (four elements on one PostgreSQL)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     if args.repeats < 1:

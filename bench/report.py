@@ -123,6 +123,20 @@ class Cell:
         v = self._proc("cpu_util", "client")
         return statistics.median(v) if v else None
 
+    def _pg_per_request(self, key: str) -> float | None:
+        per = [r["pg"][key] / r["requests_ok"] for r in self.runs
+               if r.get("pg") and r["requests_ok"] > 0]
+        return statistics.median(per) if per else None
+
+    @property
+    def pg_xacts_per_request(self) -> float | None:
+        return self._pg_per_request("xacts")
+
+    @property
+    def pg_cpu_ms_per_request(self) -> float | None:
+        v = self._pg_per_request("cpu_s")
+        return None if v is None else v * 1000
+
     @property
     def errors(self) -> int:
         return sum(int(r["errors"]) for r in self.runs)
@@ -161,6 +175,8 @@ class Cell:
             "server_cpu_s": self.server_cpu_s,
             "server_cpu_util": self.server_cpu_util,
             "client_cpu_util": self.client_cpu_util,
+            "pg_xacts_per_request": self.pg_xacts_per_request,
+            "pg_cpu_ms_per_request": self.pg_cpu_ms_per_request,
             "note": self.note,
             "runs": self.runs,
         }
@@ -290,8 +306,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Details (median run of each cell)",
         "",
         "| scenario | server | size | c | requests | median | p50 ms | p90 ms | p99 ms | "
-        "errors | server peak RSS MiB | RSS growth MiB | server CPU | client CPU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "errors | server peak RSS MiB | RSS growth MiB | server CPU | client CPU | "
+        "PostgreSQL transactions / req | PostgreSQL CPU ms / req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- |",
     ]
     for c in report["cells"]:
         size = size_label(c["size"]) if c["size"] else "-"
@@ -301,8 +319,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{c['requests']} | {fmt(c['median'])} {c['metric']} | {fmt(c['p50_ms'])} | "
             f"{fmt(c['p90_ms'])} | {fmt(c['p99_ms'])} | {c['errors']} | "
             f"{fmt(c['peak_rss_mib'], 1)} | {fmt(c['rss_growth_mib'], 1)} | "
-            f"{pct(c['server_cpu_util'])} | {pct(util)} |"
+            f"{pct(c['server_cpu_util'])} | {pct(util)} | "
+            f"{fmt(c.get('pg_xacts_per_request'), 3)} | {fmt(c.get('pg_cpu_ms_per_request'), 3)} |"
         )
+    if report.get("scaleout"):
+        out += ["", "## Scale-out", "", report["scaleout"].rstrip()]
     errs = [
         (c["scenario"], c["target"], c["error_kinds"]) for c in report["cells"] if c["error_kinds"]
     ]

@@ -34,6 +34,7 @@ from typing import Any
 
 from bench import load as L
 from bench.pgstat import Cluster, commits
+from bench.plan import SCALEOUT_PG_MS
 from bench.procstat import read_cpu_seconds
 from bench.servers import REPO_ROOT, ServerProcess, can_pin, free_port
 
@@ -149,6 +150,11 @@ def render(runs: list[Run], args: argparse.Namespace, notes: list[str]) -> str:
             f"| {statistics.median(x['p50_ms'] for x in rs):.1f} / "
             f"{statistics.median(x['p99_ms'] for x in rs):.1f} "
             f"| {sum(x['errors'] for x in rs)} |")
+    if len(builds) == 1 and runs:
+        pg_ms = statistics.median(r.as_dict()["pg_cpu_ms_per_upload"] for r in runs)
+        verdict = "PASS" if pg_ms <= SCALEOUT_PG_MS else "FAIL"
+        lines += ["", f"Target PostgreSQL CPU per upload <= {SCALEOUT_PG_MS} ms: "
+                      f"{pg_ms:.3f} ms, **{verdict}**."]
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
