@@ -407,7 +407,7 @@ def _ops_paths() -> dict[str, Any]:
             tags=["gc"], params=[FILE_ID], body={"required": False, "content": {
                 "application/json": {"schema": _nullable(_ref("GcDeleteRequest"))}}},
             op_id="gc_delete", description="Any mode; idempotent: already_deleted when the "
-            "file is gone.")},
+            "file is gone. A service account with role readonly gets 403.")},
         "/api/v1/gc/{file_id}/exists": {"get": op("Whether a file exists (service accounts)", {
             "200": ok("GcExists"), **errors(401, 403, 422, 503)},
             tags=["gc"], params=[FILE_ID], op_id="gc_exists")},
