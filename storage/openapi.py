@@ -398,8 +398,8 @@ def _ops_paths() -> dict[str, Any]:
                                              "summary": "Alias of POST /api/v1/mode "
                                              "(goartstore path)"}},
         "/api/v1/mode/history": {"get": op("Mode changes, newest first", {
-            "200": ok("ModeHistory"), **errors(400, 401, 503)}, tags=["mode"],
-            op_id="mode_history", params=[_param(
+            "200": ok("ModeHistory"), **errors(400, 401, 403, 503)}, tags=["mode"],
+            op_id="mode_history", description="Role admin only.", params=[_param(
                 "limit", "query", {"type": "integer", "minimum": 1},
                 "At most this many entries (default 100; clamped to 1000)")])},
         "/api/v1/gc/{file_id}": {"delete": op("Garbage-collect a file (service accounts)", {

@@ -165,6 +165,8 @@ async def test_real_responses_match_the_document(app_factory, auth, token):
     for path in ("/api/v1/mode", "/api/v1/mode/history"):
         await check(await client.get(path, headers=admin), "GET", path)
         await check(await client.get(path), "GET", path)
+    await check(await client.get("/api/v1/mode/history", headers=auth(role="user")), "GET",
+                "/api/v1/mode/history")
     for method, template, path in (
             ("DELETE", "/api/v1/gc/{file_id}", f"/api/v1/gc/{uuid.uuid4()}"),
             ("GET", "/api/v1/gc/{file_id}/exists", f"/api/v1/gc/{fid}/exists"),
