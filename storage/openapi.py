@@ -67,6 +67,7 @@ BOOL = {"type": "boolean"}
 UUID = {"type": "string", "format": "uuid"}
 TIME = {"type": "string", "format": "date-time"}
 NON_NEG = {"type": "integer", "minimum": 0}
+BIGINT = {**NON_NEG, "maximum": 2**63 - 1}  # what PostgreSQL's bigint holds
 # Text the service stores: PostgreSQL text refuses NUL, so it is no valid input.
 TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
@@ -269,7 +270,7 @@ def _json_body(schema: str, required: bool = True) -> dict[str, Any]:
 
 
 LIST_PARAMS = [
-    _param("skip", "query", NON_NEG, "Rows to skip (legacy list only; default 0)"),
+    _param("skip", "query", BIGINT, "Rows to skip (legacy list only; default 0)"),
     _param("limit", "query", NON_NEG, "Page size; the legacy list clamps it to 100 "
            "(default 100), a search accepts 1-1000"),
 ]
@@ -279,14 +280,13 @@ SEARCH_PARAMS = [
            "metadata values"),
     _param("content_type", "query", TEXT, "Exact media type, or a family like image/*"),
     _param("created_by", "query", {**TEXT, "maxLength": 255}, "Uploader's JWT sub or name"),
-    _param("min_size", "query", NON_NEG, "Smallest file size in bytes (inclusive)"),
-    _param("max_size", "query", NON_NEG, "Largest file size in bytes (inclusive)"),
+    _param("min_size", "query", BIGINT, "Smallest file size in bytes (inclusive)"),
+    _param("max_size", "query", BIGINT, "Largest file size in bytes (inclusive)"),
     _param("created_after", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
-           "ISO 8601 with a UTC offset"),
+           "ISO 8601 with a UTC offset, within the years 1-9999 in UTC (inclusive)"),
     _param("created_before", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
-           "ISO 8601 with a UTC offset"),
-    _param("sort", "query", {"enum": SORTS}, "rank needs q; default rank with q, else "
-           "-created_at"),
+           "ISO 8601 with a UTC offset, within the years 1-9999 in UTC (exclusive)"),
+    _param("sort", "query", {"enum": SORTS}, "rank needs q; default -created_at"),
     _param("cursor", "query", {**TEXT, "maxLength": 1024},
            "next_cursor of the previous page"),
 ]

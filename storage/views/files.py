@@ -24,6 +24,7 @@ MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
 MIN_PROGRESS = 64 * 1024  # bytes an upload must deliver per UPLOAD_READ_TIMEOUT window
 MAX_LIST = 100
+MAX_SKIP = 2**63 - 1  # PostgreSQL's OFFSET is a bigint
 UPLOAD_MODES = ("edit", "rw")
 
 
@@ -347,7 +348,7 @@ async def list_files(request: web.Request) -> web.Response:
     if is_search(request.query):  # the same parameters as /api/v1/files/search
         return await search_files(request)
     el = element(request)
-    skip = validate.int_param(request.query.get("skip"), "skip", 0)
+    skip = validate.int_param(request.query.get("skip"), "skip", 0, hi=MAX_SKIP)
     limit = validate.int_param(request.query.get("limit"), "limit", MAX_LIST, lo=0,
                                hi=MAX_LIST, clamp=True)
     body = await search.legacy_page(el.db, limit, skip)  # JSON rendered by PostgreSQL
