@@ -139,8 +139,9 @@ async def test_persisted_mode_survives_restart_and_overrides_app_mode(app_factor
     again = await app_factory(app_mode="rw", table_prefix=prefix)
     info = await (await again.get("/api/v1/info")).json()
     assert info["mode"] == "ro"
-    assert any("APP_MODE=rw is overridden by the persisted mode ro" in r.getMessage()
-               for r in caplog.records)
+    overridden = [r for r in caplog.records
+                  if "APP_MODE=rw is overridden by the persisted mode ro" in r.getMessage()]
+    assert [r.levelno for r in overridden] == [logging.WARNING]
     await upload(again, auth(), b"x", status=400)
     history = await (await again.get("/api/v1/mode/history", headers=auth())).json()
     assert len(history["history"]) == 1
