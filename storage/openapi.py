@@ -32,7 +32,7 @@ STATUS_TEXT = {
     401: "Missing, malformed, invalid or expired bearer token",
     403: "The token's role or type does not allow this operation",
     404: "No such file",
-    408: "The client stopped sending the body",
+    408: "The client sent the body too slowly (UPLOAD_READ_TIMEOUT, UPLOAD_MIN_RATE)",
     409: "Conflict: duplicate file id, or a mode transition that is not allowed",
     412: "A precondition (If-Match) failed",
     413: "Body or file larger than allowed",
