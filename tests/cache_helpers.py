@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import s3_client, s3_folder, stored_objects
+from helpers import s3_client, s3_folder, stored_objects, temp_files
 
 from storage import attrmeta, attrs
 from storage.config import Config
@@ -52,10 +52,6 @@ async def totals(conn: asyncpg.Connection, prefix: str) -> tuple[tuple[int, int]
 def attr_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*" + ATTR) if ".quarantine" not in p.parts
                   and not p.name.startswith(".tmp"))
-
-
-def temp_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob(".tmp*") if p.is_file())
 
 
 def plant(root: Path, meta: FileMeta, data: bytes, *, v1: bool = False,

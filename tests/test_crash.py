@@ -29,8 +29,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cache_helpers import check_s3_store, check_store, connect, temp_files
-from helpers import BOTH_BACKENDS, process_env, s3_uploads
+from cache_helpers import check_s3_store, check_store, connect
+from helpers import BOTH_BACKENDS, process_env, s3_uploads, temp_files
 from server_proc import free_port
 
 from storage.config import Config

@@ -142,7 +142,7 @@ async def test_thousands_of_ranges_do_not_amplify(client, auth, stored):
     header = "bytes=" + ",".join(f"{i}-{i}" for i in range(0, 4000, 2))[:1000]
     resp = await client.get(url(stored, "/download"), headers={**auth(), "Range": header})
     body = await resp.read()
-    assert resp.status in (200, 206) and len(body) <= len(DATA) + 4096
+    assert resp.status == 200 and body == DATA  # so many ranges are ignored: the whole file
 
 
 async def test_if_none_match_304_and_if_range(client, auth, stored):
