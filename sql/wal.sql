@@ -28,6 +28,14 @@ UPDATE <prefix>_wal SET
 WHERE transaction_id = $1 AND status = 'pending'
 RETURNING transaction_id;
 
+-- name: set_wal_temp
+-- $1 transaction_id, $2 temp_path: where the pending intent's partial data lives, once
+-- the writer knows (an S3 multipart upload id exists only after its creation)
+UPDATE <prefix>_wal
+   SET operation_data = jsonb_set(operation_data, '{temp_path}', to_jsonb($2::text))
+WHERE transaction_id = $1 AND status = 'pending'
+RETURNING transaction_id;
+
 -- name: purge_wal
 -- $1 cutoff: finished rows completed before it are deleted
 DELETE FROM <prefix>_wal WHERE status <> 'pending' AND completed_at < $1;

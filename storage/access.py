@@ -20,6 +20,7 @@ class Access(enum.Enum):
     WRITE = "write"  # a token whose role may change data (admin, operator, user)
     DELETE = "delete"  # role admin or operator
     SERVICE = "service"  # a service account (gc, cache)
+    SERVICE_DELETE = "service_delete"  # a service account whose role is not readonly (gc)
     ADMIN = "admin"  # role admin (runtime mode changes)
 
 

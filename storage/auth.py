@@ -45,14 +45,21 @@ BEARER_TYPES = ("admin_user", "service_account", "access")  # "refresh" is delib
 _ROLES = {"admin": "admin", "operator": "operator", "user": "user", "super_admin": "admin"}
 _INVALID_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-_GATES: dict[Access, tuple[Callable[[Identity], bool], str]] = {
-    Access.WRITE: (lambda i: i.role in ("admin", "operator", "user"),
-                   "Write access required: role admin, operator or user"),
-    Access.DELETE: (lambda i: i.role in ("admin", "operator"), "Operator or admin access required"),
-    Access.SERVICE: (lambda i: i.is_service_account,
-                     "Service account access required. "
-                     "Only service accounts can perform GC operations."),
-    Access.ADMIN: (lambda i: i.role == "admin", "Admin access required: role admin"),
+_Rule = tuple[Callable[[Identity], bool], str]
+_SERVICE: _Rule = (lambda i: i.is_service_account,
+                   "Service account access required. "
+                   "Only service accounts can perform GC operations.")
+# Each level's rules in order; the first one that fails names what is missing.
+_GATES: dict[Access, tuple[_Rule, ...]] = {
+    Access.WRITE: ((lambda i: i.role in ("admin", "operator", "user"),
+                    "Write access required: role admin, operator or user"),),
+    Access.DELETE: ((lambda i: i.role in ("admin", "operator"),
+                     "Operator or admin access required"),),
+    Access.SERVICE: (_SERVICE,),
+    # artStore ignored the role here; a readonly identity never deletes (issue 19)
+    Access.SERVICE_DELETE: (_SERVICE, (lambda i: i.role != "readonly",
+                                       "Role readonly cannot delete files")),
+    Access.ADMIN: ((lambda i: i.role == "admin", "Admin access required: role admin"),),
 }
 
 
@@ -196,9 +203,9 @@ def to_identity(claims: dict[str, Any]) -> Identity:
 
 def authorize(ident: Identity, access: Access) -> None:
     """:raises Forbidden: naming what ``access`` requires, when ``ident`` lacks it."""
-    rule = _GATES.get(access)
-    if rule is not None and not rule[0](ident):
-        raise Forbidden(rule[1])
+    for allowed, missing in _GATES.get(access, ()):
+        if not allowed(ident):
+            raise Forbidden(missing)
 
 
 def bearer_token(request: web.BaseRequest) -> str:

@@ -177,6 +177,8 @@ class Config:
     upload_chunk_size: int = env("UPLOAD_CHUNK_SIZE", _int(4096, 64 * 1024 * 1024), 1024 * 1024)
     io_threads: int = env("IO_THREADS", _int(1, 512), 32)  # file I/O and fsync run here
     upload_read_timeout: float = env("UPLOAD_READ_TIMEOUT", _float(0.1, 86400), 60.0)
+    # bytes/s averaged over the body so far, from the first UPLOAD_READ_TIMEOUT on; 0: off
+    upload_min_rate: int = env("UPLOAD_MIN_RATE", _int(0, 2**40), 64 * 1024)
     # auth
     jwt_public_key_path: Path | None = env("JWT_PUBLIC_KEY_PATH", _opt_path, None)
     jwt_jwks_url: str | None = env("JWT_JWKS_URL", _opt_str, None)

@@ -191,22 +191,38 @@ def _ascii_fallback(name: str) -> str:
     return fallback if fallback.strip(".") else "file"
 
 
+_SEPARATORS = re.compile(r"[/\\]")
+_DOT_RUN = re.compile(r"\.{2,}")
+
+
+def _plain_filename(name: str) -> str:
+    """The ``filename=`` value: the ASCII fallback's last path component, without ``..``.
+
+    Split *after* the fallback: NFKD turns ``．．／x`` into ``../x``.  A client that
+    takes ``filename=`` literally then never sees a directory or a step out of one.
+    """
+    base = _SEPARATORS.split(_ascii_fallback(name))[-1]
+    base = _DOT_RUN.sub(".", base).strip()
+    return base if base.strip(".") else "file"
+
+
 def content_disposition(filename: str, disposition: str = "attachment") -> str:
     """``Content-Disposition`` value per RFC 6266 §4 with an RFC 8187 ``filename*``.
 
-    ``filename="<ASCII fallback>"`` always comes first (quotes and backslashes escaped,
-    never empty: ``file``); ``filename*=UTF-8''<percent-encoded>`` is added whenever the
-    cleaned name is not plain safe ASCII (non-ASCII, ``"``, ``\\``, ``%``).  Control
+    ``filename="<ASCII fallback>"`` always comes first: the last path component only,
+    with no ``/``, ``\\`` or ``..`` (quotes escaped, never empty: ``file``);
+    ``filename*=UTF-8''<percent-encoded>`` carries the whole name whenever that differs
+    or is not plain safe ASCII (non-ASCII, ``"``, ``%``, directory parts).  Control
     characters, CR/LF and bidi overrides are removed first, so the result is ASCII and
     header injection is impossible.
     """
     if not _TOKEN.fullmatch(disposition):
         raise ValueError(f"disposition type must be a token: {disposition!r}")
     name = _clean_filename(filename)
-    fallback = _ascii_fallback(name)
-    escaped = fallback.replace("\\", "\\\\").replace('"', '\\"')
+    plain = _plain_filename(name)
+    escaped = plain.replace('"', '\\"')
     value = f'{disposition.lower()}; filename="{escaped}"'
-    if name and not (name == fallback and _SAFE_FILENAME.fullmatch(name)):
+    if name and not (name == plain and _SAFE_FILENAME.fullmatch(name)):
         encoded = quote(name, safe=_ATTR_CHAR_EXTRA, encoding="utf-8")
         value += f"; filename*=UTF-8''{encoded}"
     return value

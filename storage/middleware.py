@@ -3,9 +3,10 @@
 Order in ``make_app``: ``error_middleware`` (outermost) → :func:`request_middleware`
 → :func:`cors_middleware` → ``auth_middleware``.  Error responses are rendered
 *inside* :func:`request_middleware` too, so the access log and the metrics see the
-status the client gets.  Headers every response needs (``X-Request-ID``, CORS)
-are added in ``on_response_prepare``, which also covers responses produced
-outside the middlewares (``Expect: 100-continue`` refusals, router errors).
+status the client gets.  Headers every response needs (``X-Request-ID``, CORS, a
+``Server`` without versions) are added in ``on_response_prepare``, which also covers
+responses produced outside the middlewares (``Expect: 100-continue`` refusals, router
+errors).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .tracing import tracing_key
 
 log = logging.getLogger("storage.access")
 REQUEST_ID_HEADER = "X-Request-ID"
+# aiohttp's default names its and Python's versions: a scanner's shortcut to known bugs
+SERVER_HEADER = "storage-element"
 MAX_REQUEST_ID = 128
 QUIET_ROUTES = ("live", "ready", "startup", "metrics", "metrics_slash")
 request_id_key = web.RequestKey("request_id", str)
@@ -181,6 +184,7 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
 
 async def _on_response_prepare(request: web.Request, resp: web.StreamResponse) -> None:
     resp.headers[REQUEST_ID_HEADER] = request_id(request)
+    resp.headers[hdrs.SERVER] = SERVER_HEADER  # before aiohttp's setdefault in _start
     config = request.app[config_key]
     origin = request.headers.get(hdrs.ORIGIN)
     if not config.cors_enabled or not origin or hdrs.ACCESS_CONTROL_ALLOW_ORIGIN in resp.headers:

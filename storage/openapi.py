@@ -32,7 +32,7 @@ STATUS_TEXT = {
     401: "Missing, malformed, invalid or expired bearer token",
     403: "The token's role or type does not allow this operation",
     404: "No such file",
-    408: "The client stopped sending the body",
+    408: "The client sent the body too slowly (UPLOAD_READ_TIMEOUT, UPLOAD_MIN_RATE)",
     409: "Conflict: duplicate file id, or a mode transition that is not allowed",
     412: "A precondition (If-Match) failed",
     413: "Body or file larger than allowed (for files: only when STORAGE_MAX_FILE_SIZE is "
@@ -69,6 +69,7 @@ BOOL = {"type": "boolean"}
 UUID = {"type": "string", "format": "uuid"}
 TIME = {"type": "string", "format": "date-time"}
 NON_NEG = {"type": "integer", "minimum": 0}
+BIGINT = {**NON_NEG, "maximum": 2**63 - 1}  # what PostgreSQL's bigint holds
 # Text the service stores: PostgreSQL text refuses NUL, so it is no valid input.
 TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
@@ -271,7 +272,7 @@ def _json_body(schema: str, required: bool = True) -> dict[str, Any]:
 
 
 LIST_PARAMS = [
-    _param("skip", "query", NON_NEG, "Rows to skip (legacy list only; default 0)"),
+    _param("skip", "query", BIGINT, "Rows to skip (legacy list only; default 0)"),
     _param("limit", "query", NON_NEG, "Page size; the legacy list clamps it to 100 "
            "(default 100), a search accepts 1-1000"),
 ]
@@ -281,14 +282,13 @@ SEARCH_PARAMS = [
            "metadata values"),
     _param("content_type", "query", TEXT, "Exact media type, or a family like image/*"),
     _param("created_by", "query", {**TEXT, "maxLength": 255}, "Uploader's JWT sub or name"),
-    _param("min_size", "query", NON_NEG, "Smallest file size in bytes (inclusive)"),
-    _param("max_size", "query", NON_NEG, "Largest file size in bytes (inclusive)"),
+    _param("min_size", "query", BIGINT, "Smallest file size in bytes (inclusive)"),
+    _param("max_size", "query", BIGINT, "Largest file size in bytes (inclusive)"),
     _param("created_after", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
-           "ISO 8601 with a UTC offset"),
+           "ISO 8601 with a UTC offset, within the years 1-9999 in UTC (inclusive)"),
     _param("created_before", "query", {"type": "string", "anyOf": [TIME, EMPTY]},
-           "ISO 8601 with a UTC offset"),
-    _param("sort", "query", {"enum": SORTS}, "rank needs q; default rank with q, else "
-           "-created_at"),
+           "ISO 8601 with a UTC offset, within the years 1-9999 in UTC (exclusive)"),
+    _param("sort", "query", {"enum": SORTS}, "rank needs q; default -created_at"),
     _param("cursor", "query", {**TEXT, "maxLength": 1024},
            "next_cursor of the previous page"),
 ]
@@ -404,8 +404,8 @@ def _ops_paths() -> dict[str, Any]:
                                              "summary": "Alias of POST /api/v1/mode "
                                              "(goartstore path)"}},
         "/api/v1/mode/history": {"get": op("Mode changes, newest first", {
-            "200": ok("ModeHistory"), **errors(400, 401, 503)}, tags=["mode"],
-            op_id="mode_history", params=[_param(
+            "200": ok("ModeHistory"), **errors(400, 401, 403, 503)}, tags=["mode"],
+            op_id="mode_history", description="Role admin only.", params=[_param(
                 "limit", "query", {"type": "integer", "minimum": 1},
                 "At most this many entries (default 100; clamped to 1000)")])},
         "/api/v1/gc/{file_id}": {"delete": op("Garbage-collect a file (service accounts)", {
@@ -413,7 +413,7 @@ def _ops_paths() -> dict[str, Any]:
             tags=["gc"], params=[FILE_ID], body={"required": False, "content": {
                 "application/json": {"schema": _nullable(_ref("GcDeleteRequest"))}}},
             op_id="gc_delete", description="Any mode; idempotent: already_deleted when the "
-            "file is gone.")},
+            "file is gone. A service account with role readonly gets 403.")},
         "/api/v1/gc/{file_id}/exists": {"get": op("Whether a file exists (service accounts)", {
             "200": ok("GcExists"), **errors(401, 403, 422, 503)},
             tags=["gc"], params=[FILE_ID], op_id="gc_exists")},

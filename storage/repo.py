@@ -132,6 +132,11 @@ async def rollback_wal(conn: Conn, q: Queries, txid: uuid.UUID, error: str,
     return await conn.fetchval(q.rollback_wal, txid, error[:4000], at) is not None
 
 
+async def set_wal_temp(db: Db, txid: uuid.UUID, temp_path: str) -> bool:
+    """Record in a pending intent where its partial data lives; False if not pending."""
+    return await db.pool.fetchval(db.q.set_wal_temp, txid, temp_path) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     status: str  # ok | exists | capacity | disk | gone

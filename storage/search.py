@@ -17,12 +17,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -36,6 +35,7 @@ MAX_Q = 1000
 MAX_Q_TOKENS = 64
 MAX_METADATA_FILTERS = 16
 MAX_CURSOR = 1024
+MAX_REAL = 3.4028234663852886e38  # the largest finite PostgreSQL real (float32)
 # Above this many matches ``total`` is the planner's estimate (``total_is_estimate``);
 # at or below it an exact count, which reads at most this many rows.  At a million
 # files an exact count of 10,000 scattered matches reads ~10,000 heap pages (20-40 ms,
@@ -243,7 +243,20 @@ def _instant(raw: str | None, name: str) -> datetime | None:
     if value.tzinfo is None:
         raise BadRequest(f"{name} needs a UTC offset (Z or +03:00), e.g. "
                          f"2025-01-31T12:00:00Z; got {raw[:64]!r}")
-    return value
+    utc = _utc(value)
+    if utc is None:
+        raise BadRequest(f"{name} is out of range: in UTC it falls outside the years "
+                         f"1-9999; got {raw[:64]!r}")
+    return utc
+
+
+def _utc(value: datetime) -> datetime | None:
+    """``value`` in UTC, or None when that is outside ``datetime``'s years 1-9999
+    (``9999-12-31T23:59:59-23:59`` is a valid string of such an instant)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return None
 
 
 def _metadata(query) -> tuple[tuple[str, str], ...]:
@@ -316,13 +329,15 @@ def _cursor_key(sort: Sort, key: Any) -> Any:
             value = datetime.fromisoformat(key)
         except ValueError:
             value = None
-        if value is not None and value.tzinfo is not None:
-            return value
+        if value is not None and value.tzinfo is not None and (utc := _utc(value)):
+            return utc
     elif column == "file_size" and type(key) is int and 0 <= key < 2**63:
         return key
     elif column == "original_filename" and isinstance(key, str) and len(key) <= 500:
         return validate.text(key, "cursor", max_len=500)
-    elif column == "search_rank" and type(key) in (int, float) and math.isfinite(key):
+    elif column == "search_rank" and type(key) in (int, float) and abs(key) <= MAX_REAL:
+        # compared before any float(): an int of 400 digits would overflow it, and a
+        # float beyond float32 cannot be bound as the real a rank is (NaN fails too)
         return float(key)
     raise _bad_cursor(f"bad {column} value")
 

@@ -9,6 +9,7 @@ cannot overshoot, and a crash frees the reservation when recovery resolves it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import uuid
@@ -284,9 +285,11 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     txid = uuid.uuid4()
     need, fallback = _first_reservation(el, spec)
     # The writer touches nothing until its first write, so its temp path can go
-    # into the intent row: recovery then removes exactly that partial file.
+    # into the intent row: recovery then removes exactly that partial file.  A temp
+    # name known only later (an S3 multipart upload) is added before any byte leaves.
     writer = el.backend.create(meta.relative_path, spec.declared_size,
                                content_type=meta.content_type)
+    writer.on_temp = functools.partial(repo.set_wal_temp, el.db, txid)
     intent = {
         "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
         "data": {

@@ -38,6 +38,8 @@ def int_param(raw: str | None, name: str, default: int, *, lo: int = 0,
     try:
         value = int(raw)
     except ValueError:
+        if raw.strip().lstrip("+-").isdigit():  # more digits than int() converts
+            raise BadRequest(f"{name} is out of range, got {len(raw)} digits") from None
         raise BadRequest(f"{name} must be an integer, got {raw[:50]!r}") from None
     if value < lo:
         raise BadRequest(f"{name} must be >= {lo}, got {value}")

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from helpers import s3_client, s3_folder, stored_objects, temp_files
 
 from storage import attrmeta, attrs
+from storage.config import Config
 from storage.element import element_key
 from storage.models import FileMeta
 
@@ -52,10 +54,6 @@ def attr_files(root: Path) -> list[Path]:
                   and not p.name.startswith(".tmp"))
 
 
-def temp_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob(".tmp*") if p.is_file())
-
-
 def plant(root: Path, meta: FileMeta, data: bytes, *, v1: bool = False,
           extra: dict | None = None) -> Path:
     """Write a data file and its attr document straight to disk (as another tool would):
@@ -74,6 +72,38 @@ def v1_document(meta: FileMeta) -> dict[str, Any]:
     """The fifteen-key document upstream's writer produces (no schema_version)."""
     doc = attrmeta.to_doc(meta).to_dict()
     return {k: doc[k] for k in attrs.V1_KEYS}
+
+
+async def check_s3_store(conn: asyncpg.Connection, config: Config) -> dict[str, Any]:
+    """:func:`check_store` for an element on S3: every row has its data object (size,
+    sha256) and an attr object equal to it; no object without a row or its partner; no
+    multipart upload in progress; no pending WAL row; totals right."""
+    prefix, found = config.table_prefix, await rows(conn, config.table_prefix)
+    objects = await stored_objects(config)
+    assert not [o for o in objects if o.startswith("upload:")], objects
+    data = {o for o in objects if not o.endswith(ATTR)}
+    assert {o[: -len(ATTR)] for o in objects if o.endswith(ATTR)} == data, objects
+    in_store = {}
+    async with s3_client(config) as s3:
+        for relpath in sorted(data):
+            blobs = []
+            for key in (relpath + ATTR, relpath):
+                resp = await s3.get_object(Bucket=config.s3_bucket_name,
+                                           Key=s3_folder(config) + key)
+                async with resp["Body"] as body:
+                    blobs.append(await body.read())
+            doc = attrs.loads(blobs[0], relpath)
+            in_store[str(doc.file_id)] = (doc, blobs[1])
+    assert set(in_store) == set(found), (set(in_store) ^ set(found))
+    for file_id, row in found.items():
+        doc, blob = in_store[file_id]
+        assert row == {k: getattr(attrmeta.to_meta(doc), k) for k in LOSSLESS}, file_id
+        assert len(blob) == row["file_size"] and hashlib.sha256(blob).hexdigest() == row[
+            "checksum"]
+    assert await conn.fetchval(f"SELECT count(*) FROM {prefix}_wal WHERE status = 'pending'") == 0
+    config_totals, real = await totals(conn, prefix)
+    assert config_totals == real
+    return found
 
 
 async def check_store(conn: asyncpg.Connection, prefix: str, root: Path) -> dict[str, Any]:

@@ -22,12 +22,23 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, settings
 
 from storage.app import make_app
 from storage.config import Config
 from storage.devkeys import ensure_dev_keys, mint_token
 from storage.embedded import EmbeddedPostgres
 from storage.protocol import Runner
+
+# Property-based tests (hypothesis): a moderate, reproducible number of examples in the
+# suite; HYPOTHESIS_PROFILE=explore searches wider (and differently on every run).  A
+# function-scoped fixture (the app) serves every example of a test: that is intended.
+_SHARED_FIXTURES = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile("suite", max_examples=50, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=_SHARED_FIXTURES)
+settings.register_profile("explore", max_examples=2000, deadline=None,
+                          suppress_health_check=_SHARED_FIXTURES)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 S3_BUCKET = "se-tests"
 S3_PART = 5 * 1024 * 1024  # the smallest multipart threshold S3 allows

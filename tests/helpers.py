@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -75,6 +76,22 @@ def raw_multipart(filename: str, data: bytes, boundary: str = "b0undary") -> tup
 def config_of(client) -> Config:
     """The Config of the app behind an aiohttp test client."""
     return client.app[config_key]
+
+
+_PROCESS_SETTINGS = (
+    "database_url", "table_prefix", "app_mode", "data_dir", "storage_type",
+    "storage_local_base_path", "storage_max_size", "storage_disk_reserve",
+    "jwt_public_key_path", "s3_endpoint_url", "s3_access_key_id", "s3_secret_access_key",
+    "s3_bucket_name", "s3_app_folder", "s3_region", "s3_multipart_threshold",
+)
+
+
+def process_env(config: Config, **extra: str) -> dict[str, str]:
+    """The environment of a ``python run.py`` serving ``config``'s element (database,
+    prefix, store on either backend, keys): a real process beside an in-process app."""
+    env = {f.metadata["env"]: str(getattr(config, f.name)) for f in dataclasses.fields(Config)
+           if f.name in _PROCESS_SETTINGS and getattr(config, f.name) is not None}
+    return {**env, **extra}
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.servers import free_port  # one definition for the tests and the benchmarks
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "ServerProcess", "free_port", "rss_kib"]
 
 
 def rss_kib(pid: int) -> int:

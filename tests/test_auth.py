@@ -143,25 +143,36 @@ async def call(client, path: str, token: str | None = None, **headers: str):
 
 
 W, D, S, A = Access.WRITE, Access.DELETE, Access.SERVICE, Access.ADMIN
+SD = Access.SERVICE_DELETE
 MATRIX = [  # (type, role, client_id) -> gates allowed besides PUBLIC and READ
-    (("service_account", "admin", None), {W, D, S, A}),
-    (("service_account", "user", None), {W, S}),
-    (("service_account", "operator", None), {W, D, S}),
+    (("service_account", "admin", None), {W, D, S, SD, A}),
+    (("service_account", "user", None), {W, S, SD}),
+    (("service_account", "operator", None), {W, D, S, SD}),
     (("service_account", "readonly", None), {S}),
     (("service_account", "auditor", None), {S}),
     (("admin_user", "super_admin", "user_a"), {W, D, A}),
     (("admin_user", "ADMIN", "user_a"), {W, D, A}),
     (("admin_user", "readonly", "user_a"), set()),
     (("access", "operator", "user_b"), {W, D}),
-    (("access", "user", "sa_legacy"), {W, S}),
+    (("access", "user", "sa_legacy"), {W, S, SD}),
+    (("access", "readonly", "sa_legacy"), {S}),
     (("access", "Auditor", None), set()),
     (("access", "", None), set()),
 ]
+SERVICE_ONLY = ("Service account access required. Only service accounts can perform "
+                "GC operations.")
 DENIED = {Access.WRITE: "Write access required: role admin, operator or user",
           Access.DELETE: "Operator or admin access required",
-          Access.SERVICE: "Service account access required. Only service accounts can perform "
-                          "GC operations.",
+          Access.SERVICE: SERVICE_ONLY,
           Access.ADMIN: "Admin access required: role admin"}
+
+
+def denied(access: Access, is_service_account: bool) -> str:
+    """The 403 detail for a caller lacking ``access``: for a GC delete, what is missing
+    first (a service account, then a role other than readonly)."""
+    if access is Access.SERVICE_DELETE:
+        return "Role readonly cannot delete files" if is_service_account else SERVICE_ONLY
+    return DENIED[access]
 
 
 @pytest.mark.parametrize(("who", "allowed"), MATRIX, ids=lambda v: "-".join(map(str, v))
@@ -169,14 +180,14 @@ DENIED = {Access.WRITE: "Write access required: role admin, operator or user",
 async def test_gate_matrix(client, who, allowed):
     token_type, role, client_id = who
     token = sign(claims(type=token_type, role=role, client_id=client_id or ...))
+    expected_sa = token_type == "service_account" or (client_id or "").startswith("sa_")
     for access in ALL:
         status, body, _ = await call(client, f"/{access.value}", token)
         if access in allowed | {Access.PUBLIC, Access.READ}:
             assert status == 200, (access, body)
         else:
-            assert (status, body["detail"]) == (403, DENIED[access]), access
+            assert (status, body["detail"]) == (403, denied(access, expected_sa)), access
     _, body, _ = await call(client, "/read", token)
-    expected_sa = token_type == "service_account" or (client_id or "").startswith("sa_")
     assert body["sa"] is expected_sa and body["sub"] == "u-1" and body["name"] == "svc"
     assert body["role"] == {"super_admin": "admin", "ADMIN": "admin"}.get(
         role, role if role in ("admin", "operator", "user") else "readonly")

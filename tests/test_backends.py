@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import shutil
 import time
 import tracemalloc
 import uuid
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -240,6 +242,76 @@ async def test_remove_stray_temps(backend):
     assert await backend.remove_stray_temps(older_than_s=0) == 1
     assert await leftovers(backend) == []
     await writer.abort()  # the sweep already took it; must not raise
+
+
+def test_the_store_specific_operations_are_part_of_the_contract():
+    """No silent defaults: a backend that forgot one cannot even be built (issue 19)."""
+    assert {"free_bytes", "remove_stray_temps", "discard_temp"} <= Backend.__abstractmethods__
+
+
+async def test_free_bytes(backend):
+    free = await backend.free_bytes()
+    if isinstance(backend, LocalBackend):
+        assert isinstance(free, int) and 0 < free <= shutil.disk_usage(backend.root).total
+    else:
+        assert free is None  # a bucket has no such notion: STORAGE_MAX_SIZE is the capacity
+
+
+async def test_discard_temp_removes_exactly_the_named_partial_data(backend):
+    writer = backend.create(rel())
+    await writer.write(blob(5 * MIB + 1))  # big enough to start an S3 multipart upload
+    other = backend.create(rel(1, hour=4))
+    await other.write(blob(5 * MIB + 1, seed=2))
+    local = isinstance(backend, LocalBackend)
+    assert await backend.discard_temp(rel(), "") is False
+    if local:  # SeaweedFS aborts an upload id under any key, and twice without complaint
+        assert await backend.discard_temp(rel(), other.temp_name) is False  # another's
+    assert sorted(await leftovers(backend)) == sorted(
+        [Path(t).name for t in (writer.temp_name, other.temp_name)])
+    assert await backend.discard_temp(rel(), writer.temp_name) is True
+    assert await leftovers(backend) == [Path(other.temp_name).name]
+    if local:
+        assert await backend.discard_temp(rel(), writer.temp_name) is False  # already gone
+    await writer.abort()  # discarded already; must not raise
+    await other.abort()
+    assert await leftovers(backend) == [] and await visible(backend) == []
+
+
+async def test_the_temp_name_is_known_before_any_data_leaves(backend):
+    """A WAL intent can always name the partial data recovery must discard: the local
+    temp path from the start; an S3 multipart upload id through ``on_temp``, after the
+    upload is created and before its first part is sent (issue 19)."""
+    announced: list[tuple[str, list[str], int]] = []
+
+    async def on_temp(name: str) -> None:
+        parts = await backend.client.list_parts(Bucket=backend.bucket, Key=backend.key(rel()),
+                                                UploadId=name)
+        announced.append((name, await leftovers(backend), len(parts.get("Parts", []))))
+
+    writer = backend.create(rel())
+    writer.on_temp = on_temp
+    known_at_start = writer.temp_name
+    async with writer:
+        for _ in range(3):
+            await writer.write(blob(3 * MIB))  # two parts of 5 MiB leave during these
+        await writer.commit()
+    if isinstance(backend, LocalBackend):
+        assert known_at_start and announced == []
+    else:
+        assert known_at_start == ""
+        assert announced == [(writer.temp_name, [writer.temp_name], 0)]
+
+
+async def test_a_failing_on_temp_fails_the_write_and_leaves_nothing(s3):
+    async def refuse(name: str) -> None:
+        raise ConnectionRefusedError("the database is away")
+
+    writer = s3.create(rel())
+    writer.on_temp = refuse
+    with pytest.raises(ConnectionRefusedError):
+        async with writer:
+            await writer.write(blob(6 * MIB))
+    assert await leftovers(s3) == [] and await visible(s3) == []
 
 
 # --- S3 only -----------------------------------------------------------------------------

@@ -15,10 +15,9 @@ from cache_helpers import (
     element,
     plant,
     rows,
-    temp_files,
     totals,
 )
-from helpers import upload
+from helpers import temp_files, upload
 
 from storage import cache, files, locks, naming, repo_cache
 from storage.access import Identity

@@ -1,6 +1,8 @@
 """Kill the real server (SIGKILL) at every step of upload, PATCH and delete, restart it,
 and check the invariant: nothing partial is visible, nothing committed is lost, the
-database and the attr files agree, no temp file and no pending WAL row is left.
+database and the attr files agree, no temp file (or S3 multipart upload) and no
+pending WAL row is left.  The matrix runs on local disk and on S3, where the uploads
+are large enough to stream as multipart uploads.
 
 The steps are named fault points (``STORAGE_FAULT_POINT``, storage/faults.py); a kill
 in the middle of a body is done from outside while the client is still sending.  One
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -26,15 +29,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cache_helpers import check_store, connect, temp_files
+from cache_helpers import check_s3_store, check_store, connect
+from helpers import BOTH_BACKENDS, process_env, s3_uploads, temp_files
+from server_proc import free_port
+
+from storage.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MIB = 1024 * 1024
 
 
 class Server:
@@ -92,10 +94,21 @@ class World:
     recovery) with their bytes and description; files that must not exist."""
 
     server: Server
+    config: Config  # the element's, for looking at its store
     headers: dict[str, str]
     http: aiohttp.ClientSession
     present: dict[str, tuple[bytes, str | None]] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)
+
+    @property
+    def s3(self) -> bool:
+        return self.config.storage_type == "s3"
+
+    async def partial_data(self) -> bool:
+        """Whether an upload's partial data exists (a temp file, a multipart upload)."""
+        if self.s3:
+            return bool(await s3_uploads(self.config))
+        return bool(temp_files(self.config.storage_local_base_path))
 
     async def put(self, data: bytes, file_id: str | None = None, description: str = "v1"):
         file_id = file_id or str(uuid.uuid4())
@@ -132,9 +145,11 @@ class World:
 
 
 async def _upload_crash(world: World, point: str, outcome: str) -> None:
-    file_id, data = str(uuid.uuid4()), os.urandom(300_000)
+    # on S3 a multipart upload: a part is sent while the body streams
+    file_id = str(uuid.uuid4())
+    data = os.urandom(6 * MIB if world.s3 else 300_000)
     await world.attempt("PUT", f"/api/v1/files/{file_id}?filename=c.bin&description=v1",
-                        data=data)
+                        data=io.BytesIO(data))
     if outcome == "present":
         world.present[file_id] = (data, "v1")
     else:
@@ -155,13 +170,16 @@ async def _delete_crash(world: World, point: str, outcome: str) -> None:
     world.absent.add(file_id)
 
 
-async def _mid_body_kill(world: World, root: Path) -> None:
-    """Kill from outside while the body is half sent: a temp file exists at that moment."""
+async def _mid_body_kill(world: World) -> None:
+    """Kill from outside while the body is half sent: a temp file (a multipart upload
+    with a part on its way) exists at that moment."""
     file_id, chunk = str(uuid.uuid4()), os.urandom(256 * 1024)
     sent = asyncio.Event()
+    # more than one server read (UPLOAD_CHUNK_SIZE, 1 MiB); on S3 more than one part
+    pieces = 24 if world.s3 else 6
 
     async def body():
-        for _ in range(6):  # 1.5 MiB: more than one server read (UPLOAD_CHUNK_SIZE, 1 MiB)
+        for _ in range(pieces):
             yield chunk
         sent.set()
         await asyncio.sleep(60)  # never finishes: the server dies first
@@ -169,15 +187,15 @@ async def _mid_body_kill(world: World, root: Path) -> None:
 
     async def killer():
         await sent.wait()
-        for _ in range(500):  # up to 10 s for the data to reach the disk
-            if temp_files(root):
+        for _ in range(500):  # up to 10 s for the data to reach the store
+            if await world.partial_data():
                 break
             await asyncio.sleep(0.02)
-        assert temp_files(root), "no temp file while the body was streaming"
+        assert await world.partial_data(), "no partial data while the body was streaming"
         world.server.kill()
 
     task = asyncio.create_task(killer())
-    headers = {**world.headers, "Content-Length": str(len(chunk) * 16)}
+    headers = {**world.headers, "Content-Length": str(len(chunk) * pieces * 2)}
     with pytest.raises(aiohttp.ClientError):
         async with world.http.put(f"{world.server.url}/api/v1/files/{file_id}?filename=m.bin",
                                   data=body(), headers=headers) as resp:
@@ -202,22 +220,29 @@ MATRIX = [  # PATCH and delete first: their set-up uploads must not meet an uplo
 
 
 @pytest.fixture
-def server(pg_dsn, keypair, tmp_path, prefix):
-    root = tmp_path / "store"
-    env = {**os.environ, "DATABASE_URL": pg_dsn, "DB_TABLE_PREFIX": prefix,
-           "STORAGE_LOCAL_BASE_PATH": str(root), "JWT_PUBLIC_KEY_PATH": str(keypair[1]),
-           "SERVER_PORT": str(_free_port()), "SERVER_HOST": "127.0.0.1", "APP_MODE": "edit",
-           "DATA_DIR": str(tmp_path / "data"), "STORAGE_DISK_RESERVE": "0",
-           "LOG_FORMAT": "text", "LOG_LEVEL": "info"}
+def element_config(make_config) -> Config:
+    """The crashing element: a fresh prefix and store (a directory, or an S3 app folder
+    with the storage_kind fixture)."""
+    return make_config()
+
+
+@pytest.fixture
+def server(element_config, tmp_path):
+    env = {**os.environ, **process_env(element_config), "SERVER_PORT": str(free_port()),
+           "SERVER_HOST": "127.0.0.1", "LOG_FORMAT": "text", "LOG_LEVEL": "info"}
     srv = Server(env, tmp_path / "server.log")
     yield srv
     srv.kill()
 
 
-async def _check(world: World, pg_dsn: str, prefix: str, root: Path) -> None:
+async def _check(world: World, pg_dsn: str) -> None:
     conn = await connect(pg_dsn)
     try:
-        found = await check_store(conn, prefix, root)
+        if world.s3:
+            found = await check_s3_store(conn, world.config)
+        else:
+            config = world.config
+            found = await check_store(conn, config.table_prefix, config.storage_local_base_path)
     finally:
         await conn.close()
     assert set(world.present) <= set(found) and not (world.absent & set(found))
@@ -225,34 +250,35 @@ async def _check(world: World, pg_dsn: str, prefix: str, root: Path) -> None:
     await world.verify()
 
 
-async def test_sigkill_at_every_step_leaves_all_or_nothing(server, token, pg_dsn, prefix):
-    root = Path(server.env["STORAGE_LOCAL_BASE_PATH"])
+@BOTH_BACKENDS
+async def test_sigkill_at_every_step_leaves_all_or_nothing(server, element_config, token,
+                                                           pg_dsn):
     headers = {"Authorization": f"Bearer {token()}"}
     points = [p for p, _, _ in MATRIX]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        world = World(server, headers, http)
+        world = World(server, element_config, headers, http)
         server.start(points[0])
         await world.put(b"committed before any crash")
         for n, (point, action, outcome) in enumerate(MATRIX):
             await action(world, point, outcome)
             server.wait_killed()
             server.start(points[n + 1] if n + 1 < len(points) else None)
-            await _check(world, pg_dsn, prefix, root)
+            await _check(world, pg_dsn)
         # a kill while the body streams (no fault point: from outside)
-        await _mid_body_kill(world, root)
+        await _mid_body_kill(world)
         server.start("recovery.resolved", expect_death=True)  # crash inside recovery ...
         server.start()  # ... and the next start finishes it
-        await _check(world, pg_dsn, prefix, root)
+        await _check(world, pg_dsn)
         server.kill()
 
 
-async def test_a_crash_during_recovery_is_recovered_by_the_next_start(server, token, pg_dsn,
-                                                                       prefix):
+async def test_a_crash_during_recovery_is_recovered_by_the_next_start(server, element_config,
+                                                                       token, pg_dsn):
     """R25: recovery itself is killed after resolving one of several pending operations."""
-    root = Path(server.env["STORAGE_LOCAL_BASE_PATH"])
+    prefix = element_config.table_prefix
     headers = {"Authorization": f"Bearer {token()}"}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        world = World(server, headers, http)
+        world = World(server, element_config, headers, http)
         server.start("update.after_attr")
         keep = await world.put(b"keep me")
         await _patch_crash(world, "update.after_attr", "new")
@@ -277,20 +303,20 @@ async def test_a_crash_during_recovery_is_recovered_by_the_next_start(server, to
             await conn.close()
         assert pending == 2  # one of three resolved, then the crash
         server.start()
-        await _check(world, pg_dsn, prefix, root)
+        await _check(world, pg_dsn)
         assert keep in world.present
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
-async def test_kill_mid_body_of_a_large_upload(server, token, pg_dsn, prefix, fraction):
+async def test_kill_mid_body_of_a_large_upload(server, element_config, token, pg_dsn,
+                                                fraction):
     """R2: a 32 MiB body cut at 10 %, 50 % and 99 %: after the restart nothing of it is
     visible and no temp file is left."""
-    root = Path(server.env["STORAGE_LOCAL_BASE_PATH"])
     headers = {"Authorization": f"Bearer {token()}"}
     size, chunk = 32 * 1024 * 1024, os.urandom(1024 * 1024)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-        world = World(server, headers, http)
+        world = World(server, element_config, headers, http)
         server.start()
         await world.put(os.urandom(512 * 1024))
         file_id, stop = str(uuid.uuid4()), asyncio.Event()
@@ -317,4 +343,4 @@ async def test_kill_mid_body_of_a_large_upload(server, token, pg_dsn, prefix, fr
         await task
         world.absent.add(file_id)
         server.start()
-        await _check(world, pg_dsn, prefix, root)
+        await _check(world, pg_dsn)

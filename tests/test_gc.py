@@ -43,6 +43,19 @@ async def test_gc_is_for_service_accounts_only(client, auth):
     assert (await client.get(f"/api/v1/gc/{file_id}/exists", headers=legacy)).status == 200
 
 
+async def test_a_readonly_service_account_never_deletes(client, auth):
+    """artStore let any service account delete; a readonly one (and a role mapped to
+    readonly, as upstream's ``auditor``) gets 403 and the file stays (issue 19)."""
+    file_id = (await upload(client, auth(), b"keep me", "keep.txt"))["file_id"]
+    for role in ("readonly", "auditor"):
+        body = await _gc(client, auth(role=role), file_id, status=403)
+        assert body["detail"] == "Role readonly cannot delete files"
+        assert await _exists(client, auth(role=role), file_id)  # reading is still allowed
+    assert (await client.get(f"/api/v1/files/{file_id}/download",
+                             headers=auth())).status == 200
+    assert (await _gc(client, auth(role="user"), file_id))["status"] == "deleted"
+
+
 async def test_unknown_file_is_already_deleted_with_every_key(client, auth):
     file_id = uuid.uuid4()
     body = await _gc(client, auth(name="gc-bot", sub="sa-gc-1"), file_id)

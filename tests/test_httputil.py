@@ -484,10 +484,17 @@ def _filename_star(value: str) -> str | None:
             'say "hi".txt',
             'attachment; filename="say \\"hi\\".txt"; filename*=UTF-8\'\'say%20%22hi%22.txt',
         ),
-        (
-            "back\\slash.txt",
-            "attachment; filename=\"back\\\\slash.txt\"; filename*=UTF-8''back%5Cslash.txt",
-        ),
+        ("back\\slash.txt",
+         "attachment; filename=\"slash.txt\"; filename*=UTF-8''back%5Cslash.txt"),
+        # the plain name is the last path component, never with / \\ or .. (issue 19)
+        ("../../../../tmp/x.txt",
+         "attachment; filename=\"x.txt\"; filename*=UTF-8''..%2F..%2F..%2F..%2Ftmp%2Fx.txt"),
+        ("\uff0e\uff0e\uff0fx",  # ．．／x: the ASCII fallback would read ../x
+         "attachment; filename=\"x\"; filename*=UTF-8''%EF%BC%8E%EF%BC%8E%EF%BC%8Fx"),
+        ("dir/", "attachment; filename=\"file\"; filename*=UTF-8''dir%2F"),
+        ("a/..", "attachment; filename=\"file\"; filename*=UTF-8''a%2F.."),
+        ("report..final.txt",
+         "attachment; filename=\"report.final.txt\"; filename*=UTF-8''report..final.txt"),
         ("100%.txt", "attachment; filename=\"100_.txt\"; filename*=UTF-8''100%25.txt"),
         (
             "отчёт.pdf",
@@ -562,13 +569,16 @@ def test_content_disposition_inline_and_validation():
 
 def test_content_disposition_fuzz_is_always_safe_ascii():
     rng = random.Random(99)
-    alphabet = string.printable + '\x00\x7f\x85\u202e\u2028отчёт日本😀\ud800é\u0301"\\%;'
+    alphabet = (string.printable + '\x00\x7f\x85\u202e\u2028отчёт日本😀\ud800é\u0301"\\%;'
+                + "...///\uff0e\uff0f\uff3c\u2024\u2215")  # path parts, and look-alikes
     for _ in range(2000):
         name = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         value = content_disposition(name)
         assert re.fullmatch(r"[\x20-\x7e]+", value)
         fallback = re.match(r'attachment; filename="((?:[^"\\]|\\.)*)"', value)
         assert fallback and fallback[1]
+        plain = re.sub(r"\\(.)", r"\1", fallback[1])  # quoted-string unescaped
+        assert not re.search(r"[/\\]|\.\.", plain), (name, value)
 
 
 # --------------------------------------------------------------------------- digests

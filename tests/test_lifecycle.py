@@ -139,8 +139,8 @@ async def test_mode_change_reaches_another_process_and_survives_its_restart(
     finally:
         assert again.stop() == 0
     startup = [json.loads(ln) for ln in again.log_path.read_text().splitlines()]
-    assert any("APP_MODE=rw is overridden by the persisted mode ro" in e["msg"]
-               for e in startup)
+    assert [e["level"] for e in startup
+            if "APP_MODE=rw is overridden by the persisted mode ro" in e["msg"]] == ["warning"]
 
 
 def test_shutdown_timeout_default_is_30_seconds():

@@ -106,7 +106,7 @@ async def test_history_newest_first_with_who_and_when(app_factory, auth):
     await _post(client, auth(sub="alice-sub", name="alice"), "ro")
     await _post(client, auth(sub="bob-sub", name="bob"), "rw", confirm=True)
     await _post(client, auth(sub="carol-sub", name="carol"), "ro")
-    resp = await client.get("/api/v1/mode/history", headers=auth(role="user"))
+    resp = await client.get("/api/v1/mode/history", headers=auth(token_type="admin_user"))
     history = (await resp.json())["history"]
     assert [(h["from_mode"], h["to_mode"], h["changed_by"]) for h in history] == [
         ("rw", "ro", "carol-sub"), ("ro", "rw", "bob-sub"), ("rw", "ro", "alice-sub")]
@@ -118,6 +118,18 @@ async def test_history_newest_first_with_who_and_when(app_factory, auth):
     assert (await client.get("/api/v1/mode/history")).status == 401
 
 
+async def test_history_is_for_admins_only(client, auth):
+    """The README says admin only; any valid token used to read it (issue 19)."""
+    for role in ("operator", "user", "readonly"):
+        for token_type in ("service_account", "admin_user"):
+            resp = await client.get("/api/v1/mode/history",
+                                    headers=auth(role=role, token_type=token_type))
+            body = await resp.json(content_type=None)
+            assert (resp.status, body["detail"]) == (403, "Admin access required: role admin")
+    resp = await client.get("/api/v1/mode/history", headers=auth(token_type="admin_user"))
+    assert resp.status == 200 and (await resp.json()) == {"history": []}
+
+
 async def test_persisted_mode_survives_restart_and_overrides_app_mode(app_factory, auth,
                                                                       caplog, prefix):
     first = await app_factory(app_mode="rw", table_prefix=prefix)
@@ -127,8 +139,9 @@ async def test_persisted_mode_survives_restart_and_overrides_app_mode(app_factor
     again = await app_factory(app_mode="rw", table_prefix=prefix)
     info = await (await again.get("/api/v1/info")).json()
     assert info["mode"] == "ro"
-    assert any("APP_MODE=rw is overridden by the persisted mode ro" in r.getMessage()
-               for r in caplog.records)
+    overridden = [r for r in caplog.records
+                  if "APP_MODE=rw is overridden by the persisted mode ro" in r.getMessage()]
+    assert [r.levelno for r in overridden] == [logging.WARNING]
     await upload(again, auth(), b"x", status=400)
     history = await (await again.get("/api/v1/mode/history", headers=auth())).json()
     assert len(history["history"]) == 1

@@ -120,7 +120,9 @@ async def test_served_document_is_the_built_one(client):
 
 
 async def test_real_responses_match_the_document(app_factory, auth, token):
-    client = await app_factory(app_mode="edit", storage_max_size=200_000)
+    # an explicit per-file cap: the 300 kB PUT is a 413, the 250 kB multipart file a 507
+    client = await app_factory(app_mode="edit", storage_max_size=200_000,
+                               storage_max_file_size=250_000)
     admin = auth()
     for path in ("/", "/health/live", "/health/ready", "/health/startup", "/metrics",
                  "/metrics/", "/api/v1/info", "/api/v1/capacity"):
@@ -165,6 +167,8 @@ async def test_real_responses_match_the_document(app_factory, auth, token):
     for path in ("/api/v1/mode", "/api/v1/mode/history"):
         await check(await client.get(path, headers=admin), "GET", path)
         await check(await client.get(path), "GET", path)
+    await check(await client.get("/api/v1/mode/history", headers=auth(role="user")), "GET",
+                "/api/v1/mode/history")
     for method, template, path in (
             ("DELETE", "/api/v1/gc/{file_id}", f"/api/v1/gc/{uuid.uuid4()}"),
             ("GET", "/api/v1/gc/{file_id}/exists", f"/api/v1/gc/{fid}/exists"),

@@ -21,6 +21,7 @@ from helpers import (
     config_of,
     drop_data_object,
     form,
+    process_env,
     random_bytes,
     s3_client,
     s3_folder,
@@ -31,9 +32,10 @@ from helpers import (
     wal_outcomes,
 )
 
-from storage import attrmeta, attrs
+from storage import attrmeta, attrs, recovery
 from storage.appkeys import backend_key
 from storage.backends.s3 import S3Backend, S3Reader
+from storage.element import element_key
 
 pytestmark = pytest.mark.parametrize("storage_kind", ["s3"], indirect=True)
 MIB = 1024 * 1024
@@ -179,6 +181,44 @@ async def test_disconnect_mid_multipart_leaves_no_parts(client, auth, config, pg
         await asyncio.sleep(0.05)
     assert await stored_objects(config) == []  # no object, no attr, no multipart upload
     assert (await client.get(url(str(fid)), headers=auth())).status == 404
+    assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
+
+
+async def test_recovery_aborts_the_multipart_upload_its_intent_names(
+        client, auth, config, pg_dsn, server_factory):
+    """A process killed mid-upload leaves a multipart upload.  Its WAL intent names it
+    from before the first part was sent, so a shared recovery pass (another server is
+    alive, young stray uploads are spared for an hour) aborts exactly that one when it
+    rolls the intent back, not a later sweep (issue 19)."""
+    # the in-process app holds the serve lock: the process and every pass here are shared
+    doomed = server_factory(process_env(config))
+    reader, writer = await asyncio.open_connection("127.0.0.1", doomed.port)
+    writer.write((f"PUT {url(str(uuid.uuid4()))}?filename=big.bin HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {auth()['Authorization']}\r\n"
+                  f"Content-Length: {64 * MIB}\r\n\r\n").encode() + b"x" * (PART + MIB))
+    await writer.drain()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        named = ""
+        for _ in range(200):  # the first part is on its way: the intent names its upload
+            named = await conn.fetchval(
+                f"SELECT operation_data->>'temp_path' FROM {config.table_prefix}_wal "
+                "WHERE status = 'pending'")
+            if named:
+                break
+            await asyncio.sleep(0.05)
+        uploads = await s3_uploads(config)
+        assert named and len(uploads) == 1, (named, uploads)
+        doomed.kill()  # SIGKILL: the upload stays behind in the bucket
+        writer.transport.abort()
+        assert await s3_uploads(config) == uploads
+        await conn.execute(f"UPDATE {config.table_prefix}_wal "
+                           "SET started_at = started_at - interval '25 hours'")
+    finally:
+        await conn.close()
+    report = await recovery.recover(client.app[element_key], alone=False)
+    assert (report.mode, report.rolled_back, report.temps_removed) == ("shared", 1, 0)
+    assert await stored_objects(config) == []  # the upload is aborted, nothing else was
     assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
 
 

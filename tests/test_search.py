@@ -451,6 +451,14 @@ BAD_INPUT = [
     ({"cursor": _cursor({"s": "file_size", "k": 1, "i": "x"}), "sort": "file_size"},
      "file id"),
     ({"cursor": _cursor({"s": "rank", "k": 1e400, "i": GOOD_ID}), "q": "x"}, "cursor"),
+    # beyond PostgreSQL's real (float32), and an int float() cannot convert (issue 19)
+    *[({"cursor": _cursor({"s": "rank", "k": k, "i": GOOD_ID}), "q": "x", "sort": "rank"},
+       "bad search_rank value") for k in (1e39, -1e39, 10**400)],
+    # valid strings of instants that fall outside the years 1-9999 in UTC (issue 19)
+    ({"created_after": "9999-12-31T23:59:59-23:59"}, "created_after is out of range"),
+    ({"created_before": "0001-01-01T00:00:00+14:00"}, "created_before is out of range"),
+    *[({"cursor": _cursor({"s": "-created_at", "k": k, "i": GOOD_ID})}, "bad created_at value")
+      for k in ("9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00")],
     ({"cursor": "A" * 2000}, "too long"),
     ({"q": "x" * 1001}, "q is too long"),
     ({"q": "!!! <-> & | ()"}, "no words"),
@@ -473,6 +481,20 @@ async def test_bad_input_is_400_with_a_clear_detail(client, auth):
             body = await resp.json(content_type=None)
             assert resp.status == 400 and resp.content_type == PROBLEM_JSON, (params, body)
             assert detail in body["detail"], (params, body["detail"])
+
+
+async def test_legacy_list_paging_is_bounded(client, auth):
+    """skip is PostgreSQL's OFFSET, a bigint: one past it was a 500 (issue 19)."""
+    for skip, detail in (("9223372036854775808", "skip must be <= 9223372036854775807"),
+                         ("-1", "skip must be >= 0"), ("9" * 5000, "skip is out of range"),
+                         ("x", "skip must be an integer")):
+        resp = await client.get("/api/v1/files", params={"skip": skip}, headers=auth())
+        body = await resp.json(content_type=None)
+        assert (resp.status, resp.content_type) == (400, PROBLEM_JSON), body
+        assert detail in body["detail"]
+    resp = await client.get("/api/v1/files", params={"skip": str(2**63 - 1), "limit": 10**30},
+                            headers=auth())
+    assert resp.status == 200 and (await resp.json())["files"] == []
 
 
 async def test_bad_input_more(client, auth):

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from aiohttp import FormData
+from cache_helpers import connect
 from helpers import (
     BOTH_BACKENDS,
     backend_of,
@@ -77,13 +78,27 @@ async def test_store_and_retrieve_large_file(client, auth):
     assert resp.status == 200 and hashlib.sha256(got).hexdigest() == body["checksum"]
 
 
-async def test_custom_attributes_and_given_file_id_are_kept(client, auth):
+async def test_custom_attributes_and_given_file_id_are_kept(client, auth, config, pg_dsn):
     fid = str(uuid.uuid4())
     body = await upload(client, auth(), b"x", file_id=fid, description="about",
-                        metadata='{"k": "v"}', uploaded_by_username="ignored", ttl_days="")
+                        metadata='{"k": "v", "n": [1, 2.5, null]}',
+                        uploaded_by_username="ignored", ttl_days="")
     assert body["file_id"] == fid
     meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
     assert meta["description"] == "about"
+    relpath = meta["storage_path"] + meta["storage_filename"]
+    attr = json.loads((config.storage_local_base_path / (relpath + ".attr.json")).read_text())
+    assert attr["custom_attributes"] == attr["metadata"] == {"k": "v", "n": [1, 2.5, None]}
+    conn = await connect(pg_dsn)
+    try:
+        row = await conn.fetchval(f"SELECT metadata_json FROM {config.table_prefix}_files "
+                                  "WHERE file_id = $1", uuid.UUID(fid))
+    finally:
+        await conn.close()
+    assert row == {"k": "v", "n": [1, 2.5, None]}
+    found = await (await client.get("/api/v1/files/search", params={"metadata.k": "v"},
+                                    headers=auth())).json()
+    assert [f["file_id"] for f in found["files"]] == [fid]
 
 
 async def test_fields_after_the_file_part_are_applied(client, auth):
@@ -119,8 +134,15 @@ async def test_zero_byte_file_is_accepted(client, auth):
 
 async def test_missing_file_part_is_422_and_bad_file_id_400(client, auth):
     f = form(b"x")
+    fields = FormData(default_to_multipart=True)
+    fields.add_field("description", "no file")
+    resp = await client.post(UPLOAD, data=fields, headers=auth())
+    body = await resp.json()
+    assert (resp.status, body["detail"]) == (422, "file: Field required")
+    assert body["errors"][0]["loc"] == ["body", "file"]
     resp = await client.post(UPLOAD, data={"description": "no file"}, headers=auth())
-    assert resp.status in (400, 422)
+    assert resp.status == 400  # not even multipart (a urlencoded form)
+    assert "expected a multipart/form-data body" in (await resp.json())["detail"]
     f = form(b"x", file_id="not-a-uuid")
     resp = await client.post(UPLOAD, data=f, headers=auth())
     assert resp.status == 400 and "Invalid file_id format" in (await resp.json())["detail"]
@@ -354,7 +376,9 @@ async def test_concurrent_uploads_cannot_overshoot_capacity(app_factory, auth, r
     assert statuses.count(201) == 5 and statuses.count(507) == 7
 
 
-async def test_expect_100_continue_refused_without_reading_the_body(client, auth):
+async def test_expect_100_continue_refused_without_reading_the_body(app_factory, auth):
+    # an explicit per-file cap: 413 whatever the capacity (without one it would be 507)
+    client = await app_factory(storage_max_file_size=1000)
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
     token = auth()["Authorization"]
@@ -363,7 +387,7 @@ async def test_expect_100_continue_refused_without_reading_the_body(client, auth
                   "Expect: 100-continue\r\n\r\n").encode())
     await writer.drain()
     status = await asyncio.wait_for(reader.readline(), 5)
-    assert status.startswith(b"HTTP/1.1 507 ")  # larger than the element: 507, not 413
+    assert status.startswith(b"HTTP/1.1 413 ")
     writer.close()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,12 @@ class Writer(abc.ABC):
 
     relpath: str
     hasher: Hasher
+    #: Set by the caller before the first write: awaited with :attr:`temp_name` when a
+    #: writer learns it only while writing (S3: the multipart upload id), after the
+    #: partial data exists and before any byte of it leaves, so a WAL intent can name
+    #: what recovery must discard.  A writer whose temp name is known from the start
+    #: (local) never calls it.  If it raises, the write fails and the writer aborts.
+    on_temp: Callable[[str], Awaitable[object]] | None = None
 
     @property
     def size(self) -> int:
@@ -185,15 +191,17 @@ class Backend(abc.ABC):
     async def check(self) -> dict[str, Any]:
         """Readiness details without side effects.  :raises StoreUnavailable:"""
 
+    @abc.abstractmethod
     async def free_bytes(self) -> int | None:
         """Free space the store reports, or None when it has no such notion (S3)."""
-        return None
 
+    @abc.abstractmethod
     async def remove_stray_temps(self, older_than_s: float = 0) -> int:
-        """Remove leftover partial uploads; return how many were removed."""
-        return 0
+        """Remove partial uploads left ``older_than_s`` seconds ago or earlier (temp
+        files, multipart uploads); return how many were removed."""
 
+    @abc.abstractmethod
     async def discard_temp(self, relpath: str, temp_name: str) -> bool:
         """Remove the partial data a writer for ``relpath`` left as ``temp_name``
-        (its :attr:`Writer.temp_name`, kept in the WAL intent); True if removed."""
-        return False
+        (its :attr:`Writer.temp_name`, kept in the WAL intent); True if removed, False
+        when there was none (or ``temp_name`` is empty or not such a writer's)."""

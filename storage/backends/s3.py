@@ -97,23 +97,30 @@ class S3Writer(Writer):
         else:
             self.hasher.update(chunk)
         view, part_size = memoryview(chunk), self._backend.part_size
-        with translating("store the file"):
-            while view:
-                view = view[self._buf.write(view[:part_size - self._buf.tell()]):]
-                if self._buf.tell() == part_size:
-                    await self._ship()
+        while view:
+            view = view[self._buf.write(view[:part_size - self._buf.tell()]):]
+            if self._buf.tell() == part_size:
+                await self._ship()
 
     async def _ship(self) -> None:
-        """Detach the buffer as the next part, wait for the part in flight, upload this one."""
+        """Detach the buffer as the next part, wait for the part in flight, upload this one.
+
+        The first time, the multipart upload is created and announced (:attr:`on_temp`)
+        before its first part is sent.  :raises StoreUnavailable: / NoSpace:"""
         part, self._buf = self._buf, io.BytesIO()
         part.seek(0)
         client, bucket = self._backend.client, self._backend.bucket
         if not self._upload_id:
             meta = {} if self._size_hint is None else {"original_size": str(self._size_hint)}
-            resp = await client.create_multipart_upload(
-                Bucket=bucket, Key=self._key, ContentType=self._content_type, Metadata=meta)
-            self._upload_id = resp["UploadId"]
-        await self._drain()
+            with translating("store the file"):
+                resp = await client.create_multipart_upload(
+                    Bucket=bucket, Key=self._key, ContentType=self._content_type,
+                    Metadata=meta)
+            self._upload_id = resp["UploadId"]  # from here on abort() aborts it
+            if self.on_temp is not None:  # outside translating: its errors are its own
+                await self.on_temp(self._upload_id)
+        with translating("store the file"):
+            await self._drain()
         self._inflight = asyncio.create_task(client.upload_part(
             Bucket=bucket, Key=self._key, Body=part, UploadId=self._upload_id,
             PartNumber=len(self._parts) + 1))
@@ -320,7 +327,12 @@ class S3Backend(Backend):
             return True
         return False
 
+    async def free_bytes(self) -> int | None:
+        return None  # a bucket has no free space to report; capacity is STORAGE_MAX_SIZE
+
     async def discard_temp(self, relpath: str, temp_name: str) -> bool:
+        """Abort the multipart upload ``temp_name`` of ``relpath`` (a WAL intent names it
+        from before its first part was sent, see :attr:`Writer.on_temp`)."""
         return bool(temp_name) and await self.abort_upload(self.key(relpath), temp_name)
 
     async def remove_stray_temps(self, older_than_s: float = 0) -> int:

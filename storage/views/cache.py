@@ -1,5 +1,6 @@
 """``/api/v1/cache/*`` (reference §7.4) and ``/api/v1/gc/*`` (§8.3): service accounts only,
-in every mode.  The work is in :mod:`storage.cache` and :func:`storage.files.delete`."""
+in every mode; a GC delete also needs a role other than ``readonly``.  The work is in
+:mod:`storage.cache` and :func:`storage.files.delete`."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ async def _optional_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-@gate(Access.SERVICE)
+@gate(Access.SERVICE_DELETE)
 async def gc_delete(request: web.Request) -> web.Response:
     """Delete in any mode; ``already_deleted`` only when no row exists (it is truthful:
     a missing data file does not stop the row from going)."""

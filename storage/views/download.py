@@ -42,6 +42,8 @@ def _headers(meta: Served) -> dict[str, str]:
         hdrs.ACCEPT_RANGES: "bytes",
         hdrs.CONTENT_DISPOSITION: httputil.content_disposition(meta.original_filename),
         hdrs.CACHE_CONTROL: "private, no-transform",
+        # the stored content type is the uploader's word: a browser must not sniff past it
+        hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
         "Repr-Digest": f"sha-256=:{_b64(meta.checksum)}:",
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
 MIN_PROGRESS = 64 * 1024  # bytes an upload must deliver per UPLOAD_READ_TIMEOUT window
 MAX_LIST = 100
+MAX_SKIP = 2**63 - 1  # PostgreSQL's OFFSET is a bigint
 
 
 class RequestTimeout(StorageError):
@@ -75,38 +77,60 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
 
 
 class Pace:
-    """The read deadline of one request body (issue 11).
+    """The read deadlines of one request body (issue 11, issue 19).
 
     At least :data:`MIN_PROGRESS` bytes, or the end of the body, must arrive in every
     window of ``timeout`` seconds, else 408.  A per-read idle timeout alone never fires
     on a body trickled a byte at a time (slowloris on the body), which would hold its
-    capacity reservation and temp file for as long as the client likes.  Only time
-    spent waiting for the client counts: the window pauses while the server writes.
+    capacity reservation and temp file for as long as the client likes.  And once the
+    first window has passed, the body so far must have come at ``min_rate`` bytes per
+    second on average (0: no floor), else 408: 64 KiB per window alone lets a client
+    that declared the whole free capacity hold it for days at ~1 KiB/s.  Only time
+    spent waiting for the client counts: both pause while the server writes.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, min_rate: int = 0) -> None:
         self.timeout = timeout
+        self.min_rate = min_rate
         self.loop = asyncio.get_running_loop()
         self.deadline = self.loop.time() + timeout
         self.window = 0
+        self.received = 0
+        self.waited = 0.0  # seconds spent waiting for the client
         self.returned_at: float | None = None
 
+    def _rate_due(self) -> float:
+        """Waiting time at which the average falls below ``min_rate`` (inf: never)."""
+        if self.min_rate <= 0:
+            return math.inf
+        return max(self.timeout, self.received / self.min_rate)
+
     async def wait(self, awaitable):
-        """Await one body read under the window's deadline."""
+        """Await one body read under the window's deadline and the rate floor."""
         now = self.loop.time()
         if self.returned_at is not None:
             self.deadline += now - self.returned_at
-        try:
-            async with asyncio.timeout_at(self.deadline):
+        rate_deadline = now + self._rate_due() - self.waited
+        try:  # a deadline already past still lets a read of buffered bytes through
+            async with asyncio.timeout_at(min(self.deadline, rate_deadline)):
                 return await awaitable
         except TimeoutError:
-            raise RequestTimeout(
-                f"The upload is too slow: less than {MIN_PROGRESS // 1024} KiB received in "
-                f"{self.timeout:g} seconds", headers={"Connection": "close"}) from None
+            pass  # raised below, once the wait is accounted for
         finally:
             self.returned_at = self.loop.time()
+            self.waited += self.returned_at - now
+        raise self._too_slow(rate=self.returned_at >= rate_deadline)
+
+    def _too_slow(self, *, rate: bool) -> RequestTimeout:
+        if rate:
+            why = (f"{self.received} bytes in {self.waited:.1f} seconds, less than the "
+                   f"{self.min_rate} bytes per second required on average")
+        else:
+            why = f"less than {MIN_PROGRESS // 1024} KiB received in {self.timeout:g} seconds"
+        return RequestTimeout(f"The upload is too slow: {why}", headers={"Connection": "close"})
 
     def count(self, n: int) -> None:
+        self.received += n
         self.window += n
         if self.window >= MIN_PROGRESS:
             self.window = 0
@@ -117,10 +141,14 @@ class Pace:
         self.count(len(chunk))
         return chunk
 
+    @classmethod
+    def of(cls, el: Element) -> Pace:
+        return cls(el.config.upload_read_timeout, el.config.upload_min_rate)
 
-async def _body_chunks(request: web.Request, size: int, timeout: float) -> AsyncIterator[bytes]:
+
+async def _body_chunks(request: web.Request, size: int, pace: Pace) -> AsyncIterator[bytes]:
     """The raw body in pieces of ``size`` bytes (fewer executor hops than readany)."""
-    content, pace = request.content, Pace(timeout)
+    content = request.content
     pieces: list[bytes] = []
     have = 0
     while True:
@@ -180,7 +208,7 @@ class MultipartUpload:
         self.reader = reader
         self.el = el
         self.count = 0
-        self.pace = Pace(el.config.upload_read_timeout)
+        self.pace = Pace.of(el)
 
     async def next_part(self) -> BodyPartReader | None:
         try:
@@ -289,7 +317,7 @@ async def put_raw(request: web.Request) -> web.Response:
     for name in ("description", "version", "metadata"):
         if name in query:
             _apply_field(spec, name, query[name], after_file=False)
-    chunks = _body_chunks(request, el.config.upload_chunk_size, el.config.upload_read_timeout)
+    chunks = _body_chunks(request, el.config.upload_chunk_size, Pace.of(el))
     meta = await uploads.store(el, spec, identity(request), chunks)
     return _created(meta)
 
@@ -344,7 +372,7 @@ async def list_files(request: web.Request) -> web.Response:
     if is_search(request.query):  # the same parameters as /api/v1/files/search
         return await search_files(request)
     el = element(request)
-    skip = validate.int_param(request.query.get("skip"), "skip", 0)
+    skip = validate.int_param(request.query.get("skip"), "skip", 0, hi=MAX_SKIP)
     limit = validate.int_param(request.query.get("limit"), "limit", MAX_LIST, lo=0,
                                hi=MAX_LIST, clamp=True)
     body = await search.legacy_page(el.db, limit, skip)  # JSON rendered by PostgreSQL

@@ -135,7 +135,7 @@ async def set_mode(request: web.Request) -> web.Response:
     })
 
 
-@gate(Access.READ)
+@gate(Access.ADMIN)
 async def mode_history(request: web.Request) -> web.Response:
     el = element(request)
     limit = validate.int_param(request.query.get("limit"), "limit", 100, lo=1, hi=MAX_HISTORY,
