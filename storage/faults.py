@@ -8,7 +8,10 @@ Points (see tests/test_crash.py): ``upload.after_intent``, ``upload.after_body``
 ``upload.after_files`` (data and attr document in place), ``upload.after_commit``,
 ``update.after_intent``, ``update.after_attr``, ``update.after_commit``,
 ``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
-``recovery.resolved``.
+``recovery.resolved``; resumable uploads (tests/test_tus_process.py): ``tus.after_write``
+(a PATCH's bytes written, not yet synced), ``tus.after_commit`` (offset recorded, not yet
+acknowledged), ``tus.after_publish`` (the finished file's data and attr in place, no row
+yet), ``tus.after_finish`` (row in, upload not yet marked complete).
 """
 
 from __future__ import annotations

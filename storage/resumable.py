@@ -167,17 +167,18 @@ class Lease:
         self._granted()
         self._task = asyncio.create_task(self._renew(), name=f"tus-lease-{self.file_id}")
 
-    async def take(self, *, force: bool = False) -> ResumableUpload:
+    async def take(self, *, force: bool = False, who: Identity | None = None) -> ResumableUpload:
         """The upload, leased to us.  ``force``: break any other lease (no server is alive).
+        ``who``: a request's caller, who must see the upload (404/403 before 423).
 
-        :raises NotFound: / Locked: (423) another request holds it.
+        :raises NotFound: / Forbidden: / Locked: (423) another request holds it.
         """
         db, now = self.el.db, utcnow()
         up = await repo_uploads.take_lease(db, self.file_id, self.owner, now + LEASE, now)
         if up is None:
             current = await repo_uploads.get(db, self.file_id)
-            if current is None:
-                raise NotFound(f"Upload {self.file_id} not found")
+            if current is None or who is not None:
+                _visible(current, who, self.file_id)
             holder = current.lease_owner or ""
             if force or locks.dead_local(locks.Holder(0, holder, None, "")):
                 up = await repo_uploads.take_lease(db, self.file_id, self.owner, now + LEASE,
@@ -187,6 +188,12 @@ class Lease:
                              "(one PATCH at a time); retry when it is done",
                              headers={"Retry-After": "1"})
         self.adopt()
+        if who is not None:
+            try:
+                _visible(up, who, self.file_id)
+            except StorageError:
+                await self.release()
+                raise
         return up
 
     async def _renew(self) -> None:
@@ -252,23 +259,23 @@ def _gone(up: ResumableUpload | None, now: datetime) -> bool:
             or (up.completed_at is None and up.wal_status not in ("pending", "committed")))
 
 
-async def _load(el: Element, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
-    """:raises NotFound: (unknown or expired uploads alike) / Forbidden:"""
-    up = await repo_uploads.get(el.db, file_id)
+def _visible(up: ResumableUpload | None, who: Identity | None, file_id: uuid.UUID) -> None:
+    """:raises NotFound: (unknown and expired uploads alike) / Forbidden:"""
     if _gone(up, utcnow()):
         raise NotFound(f"Upload {file_id} not found (unknown, expired or terminated)")
-    _authorize(up, who)
+    if who is not None:
+        _authorize(up, who)
+
+
+async def _load(el: Element, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
+    up = await repo_uploads.get(el.db, file_id)
+    _visible(up, who, file_id)
     return up
 
 
 async def _leased(el: Element, file_id: uuid.UUID, who: Identity) -> tuple[Lease, ResumableUpload]:
-    await _load(el, file_id, who)  # 404 and 403 before 423
     lease = Lease(el, file_id)
-    up = await lease.take()
-    if _gone(up, utcnow()):
-        await lease.release()
-        raise NotFound(f"Upload {file_id} not found (unknown, expired or terminated)")
-    return lease, up
+    return lease, await lease.take(who=who)
 
 
 async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
@@ -442,12 +449,15 @@ async def _append(el: Element, hashes: Hashes | None, lease: Lease, up: Resumabl
         now, offset = utcnow(), up.upload_offset + received
         # Never undone from here on: once flushed, the bytes may be what the database
         # records (a lost reply), and a lease lost to another writer must not be touched.
+        full = up.upload_length == offset  # completion follows, under the same lease
         if not await repo_uploads.advance(el.db, up.file_id, lease.owner,
                                           expected=up.upload_offset, offset=offset,
                                           staging=staging, at=now, expires_at=_expiry(el, now),
-                                          keep_lease=True):
+                                          keep_lease=full):
             raise Unavailable(f"Upload {up.file_id} changed under the request; retry",
                               headers={"Retry-After": "1"})
+        if not full:
+            lease.given_up()  # released by that statement: one round trip less
         await session.committed()
     finally:
         await session.close()
