@@ -397,7 +397,8 @@ async def test_completion_refused_when_the_id_was_taken_meanwhile(client, auth, 
     assert ("pending", 6) not in await wal_outcomes(pg_dsn, config)
 
 
-async def test_creation_with_upload_and_an_empty_file(client, auth):
+@BOTH_BACKENDS
+async def test_creation_with_upload_and_an_empty_file(storage_kind, client, auth):
     admin = auth()
     resp = await client.post(ROOT, data=b"hello", headers={
         **admin, **TUS, **OCTETS, "Upload-Length": "11",
