@@ -662,3 +662,21 @@ async def test_orphaned_staged_bytes_are_swept(storage_kind, client, auth):
     assert report.uploads_swept == 1
     assert [p for p in before if str(orphan) not in p] == await stored_objects(config)
     assert await offset_of(client, auth(), live) == 600 * KIB
+
+
+async def test_real_tus_responses_match_the_openapi_document(client, auth):
+    from test_openapi import check
+
+    admin, item = auth(), "/api/v1/uploads/{file_id}"
+    await check(await client.options(ROOT), "OPTIONS", ROOT)
+    resp = await client.post(ROOT, headers={**admin, **TUS, "Upload-Length": "4"})
+    path = URL(resp.headers["Location"]).path
+    await check(resp, "POST", ROOT)
+    for status_case in ({"Upload-Length": "-4"}, {}):
+        await check(await client.post(ROOT, headers={**admin, **status_case}), "POST", ROOT)
+    await check(await client.head(path, headers={**admin, **TUS}), "HEAD", item)
+    for offset, body in (("0", b"ab"), ("0", b"ab"), ("2", b"abc")):
+        await check(await client.patch(path, data=body, headers={
+            **admin, **TUS, **OCTETS, "Upload-Offset": offset}), "PATCH", item)
+    await check(await client.delete(path, headers={**admin, **TUS}), "DELETE", item)
+    await check(await client.delete(path, headers={**admin, **TUS}), "DELETE", item)
