@@ -25,6 +25,7 @@ from .recovery import recovery_ctx
 from .routes import setup_routes
 from .runtime import Runtime
 from .tracing import tracing_ctx
+from .views import tus
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def make_app(config: Config) -> web.Application:
     app[startup_hooks_key] = [load_persisted_mode]  # the persisted mode first: hooks see it
     metrics.install(app)
     middleware.install(app)
+    tus.install(app)
     app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, tracing_ctx, element_ctx,
                             recovery_ctx, mode_ctx])
     setup_routes(app)

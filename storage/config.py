@@ -18,6 +18,14 @@ from urllib.parse import quote
 PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MODES = ("edit", "rw", "ro", "ar")
 _TRUE = {"on", "true", "1", "yes"}
+# What browser tus clients (tus-js-client, Uppy) send and must read across origins.
+TUS_REQUEST_HEADERS = ("Tus-Resumable", "Upload-Length", "Upload-Defer-Length",
+                       "Upload-Metadata", "Upload-Offset", "Upload-Checksum",
+                       "X-HTTP-Method-Override", "X-Requested-With")
+TUS_RESPONSE_HEADERS = ("Location", "Tus-Resumable", "Tus-Version", "Tus-Extension",
+                        "Tus-Max-Size", "Tus-Checksum-Algorithm", "Upload-Offset",
+                        "Upload-Length", "Upload-Defer-Length", "Upload-Metadata",
+                        "Upload-Expires", "X-Request-ID")
 _FALSE = {"off", "false", "0", "no"}
 
 
@@ -179,6 +187,8 @@ class Config:
     upload_read_timeout: float = env("UPLOAD_READ_TIMEOUT", _float(0.1, 86400), 60.0)
     # bytes/s averaged over the body so far, from the first UPLOAD_READ_TIMEOUT on; 0: off
     upload_min_rate: int = env("UPLOAD_MIN_RATE", _int(0, 2**40), 64 * 1024)
+    # resumable (tus) uploads: an unfinished upload untouched this long is removed
+    upload_expiry_hours: float = env("UPLOAD_EXPIRY_HOURS", _float(0.0001, 87600), 24.0)
     # auth
     jwt_public_key_path: Path | None = env("JWT_PUBLIC_KEY_PATH", _opt_path, None)
     jwt_jwks_url: str | None = env("JWT_JWKS_URL", _opt_str, None)
@@ -209,13 +219,15 @@ class Config:
     cors_allow_credentials: bool = env("CORS_ALLOW_CREDENTIALS", _bool, True)
     cors_max_age: int = env("CORS_MAX_AGE", _int(0), 600)
     cors_allow_methods: tuple[str, ...] = env(
-        "CORS_ALLOW_METHODS", _origins, ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+        "CORS_ALLOW_METHODS", _origins,
+        ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"),
     )
     cors_allow_headers: tuple[str, ...] = env(
         "CORS_ALLOW_HEADERS", _origins,
-        ("Content-Type", "Authorization", "X-Request-ID", "X-Trace-ID"),
+        ("Content-Type", "Authorization", "X-Request-ID", "X-Trace-ID", *TUS_REQUEST_HEADERS),
     )
-    cors_expose_headers: tuple[str, ...] = env("CORS_EXPOSE_HEADERS", _origins, ())
+    cors_expose_headers: tuple[str, ...] = env("CORS_EXPOSE_HEADERS", _origins,
+                                               TUS_RESPONSE_HEADERS)
     otel_exporter_otlp_endpoint: str | None = env("OTEL_EXPORTER_OTLP_ENDPOINT", _opt_str, None)
     otel_service_name: str | None = env("OTEL_SERVICE_NAME", _opt_str, None)
     mode_refresh_interval: float = env("MODE_REFRESH_INTERVAL", _float(0.05, 60), 0.25)

@@ -20,6 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+# Statuses outside the IANA registry that the service answers with (tus 1.0.0).
+EXTRA_TITLES = {460: "Checksum Mismatch"}
 
 
 class StorageError(Exception):
@@ -71,12 +73,28 @@ class PayloadTooLarge(StorageError):
     status, code = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(StorageError):
+    status, code = 415, "unsupported_media_type"
+
+
 class RangeNotSatisfiable(StorageError):
     status, code = 416, "range_not_satisfiable"
 
 
 class ValidationFailed(StorageError):
     status, code = 422, "validation_error"
+
+
+class Locked(StorageError):
+    """Another request is working on the resource (a tus PATCH in progress)."""
+
+    status, code = 423, "locked"
+
+
+class ChecksumMismatch(StorageError):
+    """tus checksum extension: the body does not match its ``Upload-Checksum``."""
+
+    status, code = 460, "checksum_mismatch"
 
 
 class InsufficientStorage(StorageError):
@@ -113,7 +131,8 @@ def problem(
     extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
     """Build the canonical error response."""
-    title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    known = status in HTTPStatus._value2member_map_
+    title = HTTPStatus(status).phrase if known else EXTRA_TITLES.get(status, "Error")
     body: dict[str, Any] = {
         "type": f"urn:storage-element:error:{code or title.lower().replace(' ', '_')}",
         "title": title,
@@ -126,6 +145,7 @@ def problem(
         body.update(extra)
     resp = web.Response(
         status=status,
+        reason=None if known else title,
         text=json.dumps(body, ensure_ascii=False),
         content_type=PROBLEM_JSON,
         headers={k: v for k, v in (headers or {}).items() if k.lower() != "content-type"},

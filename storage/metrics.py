@@ -148,6 +148,24 @@ class Metrics:
             "storage_group_commit_members", "Reservations and finishes per group commit "
             "(one database statement and transaction each)", buckets=BATCH_BUCKETS,
             registry=r)
+        # resumable uploads (tus): counted by storage/views/tus.py and the recovery passes
+        self.tus_started = Counter("storage_tus_uploads_started",
+                                   "Resumable uploads created", registry=r)
+        self.tus_completed = Counter("storage_tus_uploads_completed",
+                                     "Resumable uploads made into files", registry=r)
+        self.tus_expired = Counter("storage_tus_uploads_expired",
+                                   "Unfinished resumable uploads removed after "
+                                   "UPLOAD_EXPIRY_HOURS", registry=r)
+        self.tus_terminated = Counter("storage_tus_uploads_terminated",
+                                      "Resumable uploads terminated by their clients",
+                                      registry=r)
+        self.tus_bytes = Counter("storage_tus_bytes_received",
+                                 "Bytes stored by resumable uploads (PATCH and POST bodies)",
+                                 registry=r)
+        self.tus_rehashes = Counter("storage_tus_rehashes",
+                                    "Running sha256 rebuilt from staged bytes (a PATCH that "
+                                    "landed in another process or after a restart)",
+                                    registry=r)
         self.set_mode(config.app_mode)
 
     def record_recovery(self, summary: dict[str, int], seconds: float, ok: bool = True) -> None:
@@ -158,6 +176,11 @@ class Metrics:
         for action, count in summary.items():
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
                 self.recovery_actions.labels(action).inc(count)
+
+    def count_recovery(self, report) -> None:
+        """What a recovery pass (a :class:`storage.recovery.Report`) did to resumable uploads."""
+        self.tus_completed.inc(report.uploads_completed)
+        self.tus_expired.inc(report.uploads_expired)
 
     def set_mode(self, current: str) -> None:
         for mode in MODES:

@@ -31,14 +31,20 @@ STATUS_TEXT = {
     400: "Bad request: invalid parameter, body, or an operation the current mode refuses",
     401: "Missing, malformed, invalid or expired bearer token",
     403: "The token's role or type does not allow this operation",
-    404: "No such file",
+    404: "No such file (or upload: unknown, expired or terminated)",
+    405: "Method not allowed (tus: an X-HTTP-Method-Override other than HEAD, PATCH, "
+         "DELETE)",
     408: "The client sent the body too slowly (UPLOAD_READ_TIMEOUT, UPLOAD_MIN_RATE)",
-    409: "Conflict: duplicate file id, or a mode transition that is not allowed",
-    412: "A precondition (If-Match) failed",
+    409: "Conflict: duplicate file id, a mode transition that is not allowed, or a tus "
+         "Upload-Offset that is not the upload's offset",
+    412: "A precondition failed: If-Match, or (tus) Tus-Resumable missing or not 1.0.0",
     413: "Body or file larger than allowed (for files: only when STORAGE_MAX_FILE_SIZE is "
          "set; a file that cannot fit the element is 507)",
+    415: "tus: PATCH without Content-Type: application/offset+octet-stream",
     416: "Range not satisfiable",
     422: "Validation error: a parameter has the wrong format (see errors)",
+    423: "tus: another request is writing to the upload (one PATCH at a time)",
+    460: "tus: Checksum Mismatch (Upload-Checksum); the chunk was discarded",
     500: "Internal error (never with a traceback)",
     503: "The database or the storage is unavailable, or a maintenance lock is busy",
     507: "Not enough capacity or disk space for the file (also a file larger than the "
@@ -229,8 +235,10 @@ def errors(*codes: int) -> dict[str, Any]:
 
 def _error_component(code: int) -> dict[str, Any]:
     headers = _headers({"WWW-Authenticate": {"schema": STR}} if code == 401 else None)
-    if code == 503:
+    if code in (423, 503):
         headers["Retry-After"] = {"schema": STR}
+    if code == 412:
+        headers["Tus-Version"] = {"schema": STR, "description": "tus: the supported version"}
     return {"description": STATUS_TEXT[code], "headers": headers,
             "content": {PROBLEM: {"schema": _ref("Problem")}}}
 
@@ -459,6 +467,100 @@ def _service_paths() -> dict[str, Any]:
     }
 
 
+TUS_HEADERS = {
+    "Tus-Resumable": _param("Tus-Resumable", "header", {"const": "1.0.0"},
+                            "The tus protocol version (412 otherwise)", required=True),
+    "Upload-Offset": _param("Upload-Offset", "header", {**STR, "pattern": "^[0-9]{1,18}$"},
+                            "Where this body goes: the upload's current offset (409 "
+                            "otherwise)", required=True),
+    "Upload-Length": _param("Upload-Length", "header", {**STR, "pattern": "^[0-9]{1,18}$"},
+                            "The size of the whole upload"),
+    "Upload-Defer-Length": _param("Upload-Defer-Length", "header", {"const": "1"},
+                                  "The size is sent later, with a PATCH"),
+    "Upload-Metadata": _param(
+        "Upload-Metadata", "header", STR,
+        "Comma-separated `key base64value` pairs: filename (or name), filetype (or "
+        "content_type, type), description, version, metadata (a JSON object), file_id "
+        "(409 if taken); other keys are kept for HEAD only"),
+    "Upload-Checksum": _param("Upload-Checksum", "header", {**STR, "pattern": (
+        "^(sha1 [A-Za-z0-9+/]{27}=|sha256 [A-Za-z0-9+/]{43}=|md5 [A-Za-z0-9+/]{22}==)$")},
+                              "`sha1|sha256|md5 <base64 digest>` of this body (460 on a "
+                              "mismatch)"),
+}
+TUS_RESPONSE = {name: {"schema": STR} for name in ("Tus-Resumable", "Upload-Offset",
+                                                    "Upload-Expires")}
+OCTETS = {"application/offset+octet-stream": {"schema": {
+    "type": "string", "contentMediaType": "application/octet-stream"}}}
+
+
+def _tus_paths() -> dict[str, Any]:
+    item = [_param("file_id", "path", UUID, "The upload's id: the id the file will have")]
+    tus = ["uploads"]
+    return {
+        "/api/v1/uploads": {
+            "options": op("tus discovery", {"204": {
+                "description": "Versions, extensions and limits", "headers": _headers({
+                    name: {"schema": STR} for name in (
+                        "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size",
+                        "Tus-Checksum-Algorithm")})}},
+                tags=tus, security=PUBLIC, op_id="tus_options"),
+            "post": op("Create a resumable upload (tus creation)", {
+                "201": {"description": "Created; with a body (creation-with-upload) its bytes "
+                        "are stored", "headers": _headers({
+                            "Location": {"schema": STR, "required": True},
+                            **TUS_RESPONSE})},
+                **errors(400, 401, 403, 409, 412, 413, 460, 503, 507)},
+                tags=tus, op_id="tus_create", params=[
+                    TUS_HEADERS[n] for n in ("Tus-Resumable", "Upload-Length",
+                                             "Upload-Defer-Length", "Upload-Metadata",
+                                             "Upload-Checksum")],
+                body={"required": False, "content": OCTETS},
+                description="Allowed in edit and rw modes. The declared length is reserved "
+                "now (507 when it cannot fit; 413 only over STORAGE_MAX_FILE_SIZE). Location "
+                "is /api/v1/uploads/{file_id}, the id the finished file gets."),
+        },
+        "/api/v1/uploads/{file_id}": {
+            "head": op("Offset of a resumable upload", {
+                "200": {"description": "The upload", "headers": _headers({
+                    **TUS_RESPONSE, "Upload-Length": {"schema": STR},
+                    "Upload-Defer-Length": {"schema": STR},
+                    "Upload-Metadata": {"schema": STR}, "Cache-Control": {"schema": STR}})},
+                **errors(401, 403, 404, 412, 503)},
+                tags=tus, op_id="tus_head", params=item + [TUS_HEADERS["Tus-Resumable"]],
+                description="Only the creator (token sub) or an admin."),
+            "patch": op("Append to a resumable upload", {
+                "204": {"description": "Stored durably; the new offset", "headers": _headers(
+                    TUS_RESPONSE)},
+                **errors(400, 401, 403, 404, 408, 409, 412, 413, 415, 423, 460, 503, 507)},
+                tags=tus, op_id="tus_patch", params=item + [
+                    TUS_HEADERS[n] for n in ("Tus-Resumable", "Upload-Offset",
+                                             "Upload-Length", "Upload-Checksum")],
+                body={"required": True, "content": OCTETS},
+                description="Acknowledged only once the bytes are durable. The last byte "
+                "makes the upload an ordinary file (same id). Upload-Length only for a "
+                "deferred length."),
+            "delete": op("Terminate a resumable upload", {
+                "204": {"description": "Terminated: staged bytes and reservation gone (a "
+                        "finished upload's file stays)", "headers": _headers(
+                            {"Tus-Resumable": {"schema": STR}})},
+                **errors(401, 403, 404, 412, 423, 503)},
+                tags=tus, op_id="tus_delete", params=item + [TUS_HEADERS["Tus-Resumable"]]),
+            "post": op("HEAD, PATCH or DELETE for clients that cannot send them", {
+                "200": {"description": "As HEAD", "headers": _headers(TUS_RESPONSE)},
+                "204": {"description": "As PATCH or DELETE", "headers": _headers(
+                    TUS_RESPONSE)},
+                **errors(400, 401, 403, 404, 405, 408, 409, 412, 413, 415, 423, 460, 503,
+                         507)},
+                tags=tus, op_id="tus_override", params=item + [
+                    TUS_HEADERS["Tus-Resumable"],
+                    _param("X-HTTP-Method-Override", "header", {"enum": ["HEAD", "PATCH",
+                                                                          "DELETE"]},
+                           required=True)],
+                body={"required": False, "content": OCTETS}),
+        },
+    }
+
+
 def build(version: str = "1.0.0") -> dict[str, Any]:
     """The whole document for an element reporting ``version``."""
     return {
@@ -475,8 +577,9 @@ def build(version: str = "1.0.0") -> dict[str, Any]:
             "Content-Length with Transfer-Encoding); these carry a fresh X-Request-ID and "
             "no CORS headers, as the request's headers were never read.",
         },
-        "tags": [{"name": n} for n in ("files", "ops", "mode", "gc", "cache", "service")],
-        "paths": {**_service_paths(), **_ops_paths(), **_files_paths()},
+        "tags": [{"name": n} for n in ("files", "uploads", "ops", "mode", "gc", "cache",
+                                       "service")],
+        "paths": {**_service_paths(), **_ops_paths(), **_files_paths(), **_tus_paths()},
         "components": {
             "schemas": copy.deepcopy(SCHEMAS),
             "responses": {f"E{code}": _error_component(code) for code in STATUS_TEXT},

@@ -17,10 +17,14 @@ process died (or is still working).  Resolution, with the attr file as the truth
   crash half-way through the unlinking (data gone, attr left) has only one sane
   outcome anyway, so every state of a delete resolves the same way.
 - ``file_quarantine`` (scrub): finished if the data is already gone, else rolled back.
+- ``file_upload_resumable`` (tus, :func:`storage.resumable.resolve`): an upload in
+  progress is left alone (it is alive, not an error); an expired one is removed with
+  its staged bytes and reservation; a full one whose completion died is completed.
 - Any other operation is left pending and reported.
 
-Then stray ``.tmp*`` files are removed and finished WAL rows older than
-``WAL_RETENTION_HOURS`` are purged.
+Then the records of finished resumable uploads that expired and staged bytes no
+unfinished upload owns are removed (:func:`storage.resumable.sweep`), stray ``.tmp*``
+files are removed and finished WAL rows older than ``WAL_RETENTION_HOURS`` are purged.
 
 **Who may resolve what.**  Several processes (workers, hosts) can serve one prefix,
 and a pending row of a live process must not be "recovered" under its feet.  Every
@@ -41,15 +45,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 import asyncpg
 from aiohttp import web
 
-from . import attrmeta, attrs, faults, files, locks, repo, repo_cache
-from .appkeys import dsn_key
+from . import attrmeta, attrs, faults, files, locks, repo, repo_cache, resumable
+from .appkeys import dsn_key, metrics_key
 from .backends.base import ObjectMissing
 from .element import Element, element_key
 from .errors import StorageError
@@ -75,6 +79,9 @@ class Report:
     errors: int = 0
     temps_removed: int = 0
     wal_purged: int = 0
+    uploads_completed: int = 0  # resumable uploads made files (their completion had died)
+    uploads_expired: int = 0  # resumable uploads removed after UPLOAD_EXPIRY_HOURS
+    uploads_swept: int = 0  # finished upload records and orphaned staged bytes removed
     actions: list[str] = field(default_factory=list)
 
     def note(self, wal: WalEntry, outcome: str, what: str) -> None:
@@ -192,7 +199,8 @@ async def _resolve_removal(el: Element, wal: WalEntry, report: Report) -> None:
 
 
 RESOLVERS = {"file_create": _resolve_create, "file_update": _resolve_update,
-             "file_delete": _resolve_removal, "file_quarantine": _resolve_removal}
+             "file_delete": _resolve_removal, "file_quarantine": _resolve_removal,
+             resumable.OP: resumable.resolve}
 
 
 async def resolve(el: Element, wal: WalEntry, report: Report) -> None:
@@ -226,6 +234,7 @@ async def recover(el: Element, *, alone: bool) -> Report:
                     and wal.started_at > now - STALE_CREATE):
                 continue
             await resolve(el, wal, report)
+    report.uploads_swept = await resumable.sweep(el)
     report.temps_removed = await el.backend.remove_stray_temps(0 if alone else TEMP_GRACE_S)
     report.wal_purged = await repo.purge_wal(
         el.db, utcnow() - timedelta(hours=el.config.wal_retention_hours))
@@ -292,8 +301,10 @@ async def _connect(dsn: str) -> asyncpg.Connection:
     return await asyncpg.connect(dsn)
 
 
-async def _maintain(el: Element, dsn: str, holder: list[asyncpg.Connection]) -> None:
-    """Every few minutes: keep the serve lock, resolve crashed siblings' rows, purge."""
+async def _maintain(el: Element, dsn: str, holder: list[asyncpg.Connection],
+                    counted: Callable[[Report], None] = lambda _report: None) -> None:
+    """Every few minutes: keep the serve lock, resolve crashed siblings' rows, purge;
+    each pass's report goes to ``counted`` (the metrics)."""
     while True:
         await asyncio.sleep(MAINTAIN_EVERY_S)
         try:
@@ -304,6 +315,7 @@ async def _maintain(el: Element, dsn: str, holder: list[asyncpg.Connection]) -> 
                                      shared=True)
             async with locks.hold(el.db, locks.RECOVERY, "periodic recovery"):
                 report = await recover(el, alone=False)
+            counted(report)
             if report.completed or report.rolled_back or report.wal_purged:
                 log.info("periodic recovery: %s", report.summary())
         except locks.LockBusy:
@@ -317,17 +329,19 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
     the serve lock for the process lifetime, and the periodic maintenance task."""
     el = app[element_key]
     dsn = app[dsn_key]
+    counted = app[metrics_key].count_recovery
     conn = await _connect(dsn)
     el.runtime.recovering = True
     try:
         report = await startup(el, conn, serve=True)
         log.info("startup recovery (%s pass): %s", report.mode, report.summary())
+        counted(report)
     except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
         log.exception("startup recovery failed")
     finally:
         el.runtime.recovering = False
     holder = [conn]
-    task = asyncio.create_task(_maintain(el, dsn, holder), name="wal-maintenance")
+    task = asyncio.create_task(_maintain(el, dsn, holder, counted), name="wal-maintenance")
     try:
         yield
     finally:

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from . import metrics, openapi
 from .appkeys import config_key
-from .views import cache, download, files, health, ops, search
+from .views import cache, download, files, health, ops, search, tus
 
 
 def setup_routes(app: web.Application) -> None:
@@ -27,6 +27,15 @@ def setup_routes(app: web.Application) -> None:
         web.patch("/api/v1/files/{file_id}", files.patch, name="patch"),
         web.delete("/api/v1/files/{file_id}", files.delete, name="delete"),
         web.get("/api/v1/files/{file_id}/download", download.download, name="download"),
+    ])
+    app.add_routes([  # resumable uploads (tus 1.0.0)
+        web.options("/api/v1/uploads", tus.options, name="tus_options"),
+        web.post("/api/v1/uploads", tus.create, name="tus_create", expect_handler=tus.expect),
+        web.head("/api/v1/uploads/{file_id}", tus.head, name="tus_head"),
+        web.patch("/api/v1/uploads/{file_id}", tus.patch, name="tus_patch",
+                  expect_handler=tus.expect),
+        web.delete("/api/v1/uploads/{file_id}", tus.terminate, name="tus_delete"),
+        web.post("/api/v1/uploads/{file_id}", tus.override, name="tus_override"),
     ])
     app.add_routes([
         web.get("/api/v1/info", ops.info, name="info"),

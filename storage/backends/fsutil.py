@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..attrs import fsync_dir
-from .base import StoreUnavailable
+from .base import ATTR_SUFFIX, StoreUnavailable
 
 TEMP_PREFIX = ".tmp"
 
@@ -181,6 +181,31 @@ def write_atomic(path: Path, data: bytes, root: Path, dirsync: DirSync) -> None:
         dirsync.sync(str(path.parent), dirfd)
     finally:
         os.close(dirfd)
+
+
+def link_with_attr(src_dirfd: int, src: str, dirfd: int, name: str, attr: bytes | None) -> None:
+    """Give the fsynced file ``src`` (in ``src_dirfd``) the name ``name`` in ``dirfd``
+    (a hard link: never clobbers an existing object, :raises FileExistsError:) and
+    place ``attr``, when given, beside it as its attr document: both or neither.
+
+    The caller removes ``src`` and fsyncs ``dirfd`` (one directory sync for both names).
+    """
+    attr_tmp = write_synced_temp(dirfd, attr) if attr is not None else None
+    try:
+        os.link(src, name, src_dir_fd=src_dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+        if attr_tmp is not None:
+            try:
+                os.replace(attr_tmp, name + ATTR_SUFFIX, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except BaseException:
+                os.unlink(name, dir_fd=dirfd)  # all or nothing: the data goes again
+                raise
+            attr_tmp = None
+    finally:
+        if attr_tmp is not None:
+            try:
+                os.unlink(attr_tmp, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
 
 
 def write_fully(fd: int, data: bytes) -> None:

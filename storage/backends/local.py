@@ -33,11 +33,11 @@ from .base import (
 from .fsutil import (
     TEMP_PREFIX,
     DirSync,
+    link_with_attr,
     open_dir,
     open_real,
     write_atomic,
     write_fully,
-    write_synced_temp,
 )
 
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -105,26 +105,9 @@ class LocalWriter(Writer):
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        tmp, name = self._tmp.name, self._final.name
-        attr_tmp = write_synced_temp(dirfd, attr) if attr is not None else None
-        try:
-            # never clobbers an existing object
-            os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
-            if attr_tmp is not None:
-                try:
-                    os.replace(attr_tmp, name + ATTR_SUFFIX, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-                except BaseException:
-                    os.unlink(name, dir_fd=dirfd)  # all or nothing: the data goes again
-                    raise
-                attr_tmp = None
-            os.unlink(tmp, dir_fd=dirfd)
-            self._done = True
-        finally:
-            if attr_tmp is not None:
-                try:
-                    os.unlink(attr_tmp, dir_fd=dirfd)
-                except FileNotFoundError:
-                    pass
+        link_with_attr(dirfd, self._tmp.name, dirfd, self._final.name, attr)
+        os.unlink(self._tmp.name, dir_fd=dirfd)
+        self._done = True
         # one directory sync makes both names durable (shared with concurrent commits)
         self._dirsync.sync(str(self._final.parent), dirfd)
         os.close(dirfd)  # done: abort() has nothing left to do
