@@ -4,7 +4,7 @@
 (:mod:`storage.repo_uploads`): offset, length (or deferred), the metadata, the
 creator, the final names, the backend's staging bookkeeping, the sliding expiry.
 The capacity reservation is the ``reserved_bytes`` of the upload's pending WAL row
-(operation ``file_upload_resumable``, inserted by ``repo.reserve`` like every upload's),
+(operation ``file_upload_resumable``, reserved by the group commit like every upload's),
 so it counts against capacity and survives restarts; the declared length is reserved
 at creation, a deferred one grows (``uploads._grow``) as bytes arrive.
 

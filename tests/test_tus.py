@@ -514,17 +514,18 @@ async def test_expired_uploads_are_404_then_removed_by_recovery(app_factory, aut
 
 async def test_recovery_leaves_live_uploads_alone_and_rolls_back_orphan_intents(
         client, auth, pg_dsn):
-    from storage import repo, resumable
+    from storage import resumable
     from storage.models import utcnow
 
-    config, admin = config_of(client), auth()
+    admin = auth()
     el = client.app[element_key]
     path = await create(client, admin, length=10)
     await patch(client, admin, path, 0, b"01234")
     txid = uuid.uuid4()  # an intent whose process died before writing the upload record
-    await repo.reserve(el.db, txid, 7, limit=config.storage_max_size, free=None, intent={
+    reserved = await el.commits.reserve(txid, 7, intent={
         "op": resumable.OP, "file_id": uuid.uuid4(), "user_id": "x", "started_at": utcnow(),
         "data": {}})
+    assert reserved.status == "ok"
     report = await recovery.recover(el, alone=True)
     assert (report.rolled_back, report.completed, report.errors, report.skipped) == (1, 0, 0, 0)
     assert len(report.actions) == 1  # the live upload is not reported

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..resumable import Hashes
 from ..tusproto import CHECKSUMS, EXTENSIONS, OFFSET_OCTETS, TUS_VERSION
-from .files import _body_chunks, _declared, require_mode
+from .files import Pace, _body_chunks, _declared, require_mode
 
 ROOT = "/api/v1/uploads"
 hashes_key = web.AppKey("resumable_hashes", Hashes)
@@ -55,10 +55,9 @@ def _is_chunk(request: web.Request) -> bool:
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body in pieces; a body that ends early is :class:`ClientGone` (its
     bytes so far are kept), one that comes too slowly a 408 (``Pace``)."""
-    config = element(request).config
+    el = element(request)
     try:
-        async for chunk in _body_chunks(request, config.upload_chunk_size,
-                                        config.upload_read_timeout):
+        async for chunk in _body_chunks(request, el.config.upload_chunk_size, Pace.of(el)):
             yield chunk
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as exc:
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
