@@ -247,6 +247,50 @@ async def test_concurrent_uploads_share_commits(client, auth, pg_dsn, config):
         await conn.close()
 
 
+async def test_failing_members_among_concurrent_uploads_leave_the_others_intact(
+        client, auth, pg_dsn, config):
+    """Concurrent uploads share their commits; one whose digest does not match and one
+    whose client goes away mid-body fail alone: the others are stored, and the two
+    leave no file, no row, no reservation."""
+    import base64
+
+    el = client.app[element_key]
+    good = {str(uuid.uuid4()): os.urandom(20_000 + i) for i in range(6)}
+    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+
+    async def put(fid, data, **headers):
+        resp = await client.put(f"/api/v1/files/{fid}", data=data,
+                                headers={**auth(), **headers})
+        return resp.status
+
+    async def cut_short():
+        host, port = client.server.host, client.server.port
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write((f"PUT /api/v1/files/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: {auth()['Authorization']}\r\n"
+                      "Content-Length: 100000\r\n\r\n").encode() + b"x" * 30_000)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    statuses = await asyncio.gather(
+        *(put(fid, data) for fid, data in good.items()),
+        put(uuid.uuid4(), b"y" * 20_000, **{"Repr-Digest": f"sha-256=:{wrong}:"}),
+        cut_short())
+    assert statuses[:6] == [201] * 6 and statuses[6] == 400
+    await asyncio.sleep(0.3)  # the cut upload's handler finishes its cleanup
+    assert el.commits.batcher.batches < el.commits.batcher.members
+    conn = await connect(pg_dsn)
+    try:
+        rows = await check_store(conn, el.prefix, config.storage_local_base_path)
+    finally:
+        await conn.close()
+    assert set(rows) == set(good)
+    for fid, data in good.items():
+        assert rows[fid]["checksum"] == hashlib.sha256(data).hexdigest()
+    assert {s for s, _ in await wal_outcomes(pg_dsn, config)} == {"committed", "rolled_back"}
+
+
 async def test_an_upload_that_outlives_a_change_to_read_only_leaves_nothing(rw_client, auth,
                                                                            pg_dsn):
     """The mode is checked again where the upload commits (issue 19): a body that was
