@@ -161,8 +161,8 @@ def render(runs: list[Run], args: argparse.Namespace, notes: list[str]) -> str:
 
 async def run_scaleout(args: argparse.Namespace, workdir: Path) -> tuple[list[Run], list[str]]:
     """Start the cluster and the elements of every build, run, stop; (runs, notes)."""
-    from storage.devkeys import ensure_dev_keys, mint_token
-    from storage.embedded import EmbeddedPostgres
+    from storage.auth.devkeys import ensure_dev_keys, mint_token
+    from storage.db.embedded import EmbeddedPostgres
 
     pin = can_pin() and not args.no_pin
     server_cpus = {SERVER_CPU} if pin else None

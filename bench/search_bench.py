@@ -32,9 +32,10 @@ from typing import Any
 from multidict import MultiDict
 
 from bench import search_gen
-from storage import migrate, repo_search, search, search_sql
-from storage.db import Db, close_db, open_db
-from storage.embedded import EmbeddedPostgres
+from storage.db import migrate, repo_search, search_sql
+from storage.db.embedded import EmbeddedPostgres
+from storage.db.pool import Db, close_db, open_db
+from storage.domain import search
 
 TARGET_P99_MS = 20.0
 

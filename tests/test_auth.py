@@ -23,10 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from storage import auth, devkeys, errors
-from storage.access import Access, gate, identity_key
-from storage.appkeys import auth_key, config_key
+from storage import errors
+from storage.auth import bearer as auth
+from storage.auth import devkeys
+from storage.auth.access import Access, gate, identity_key
 from storage.config import Config
+from storage.domain.appkeys import auth_key, config_key
 
 
 def now() -> int:
@@ -416,7 +418,7 @@ async def test_no_key_outside_embedded_refuses_to_start(tmp_path):
 
 
 async def test_embedded_default_generates_dev_keys(tmp_path, aiohttp_client, caplog):
-    caplog.set_level(logging.WARNING, "storage.auth")
+    caplog.set_level(logging.WARNING, "storage.auth.bearer")
     client = await aiohttp_client(build_app(Config().with_(data_dir=tmp_path)))
     private, public = tmp_path / "keys" / "private_key.pem", tmp_path / "keys" / "public_key.pem"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600

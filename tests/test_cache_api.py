@@ -19,8 +19,9 @@ from cache_helpers import (
 )
 from helpers import temp_files, upload
 
-from storage import cache, files, locks, naming, repo_cache
-from storage.access import Identity
+from storage.auth.access import Identity
+from storage.db import locks, repo_cache
+from storage.domain import cache, files, naming
 from storage.models import FileMeta, utcnow
 
 CACHE = [("POST", "/api/v1/cache/rebuild"), ("POST", "/api/v1/cache/rebuild/incremental"),

@@ -1,8 +1,8 @@
 """The pool resets only connections that carry session state (one round trip saved
 on every other release), and those it resets completely."""
 
-from storage import migrate
-from storage.db import close_db, open_db, session_state_changed
+from storage.db import migrate
+from storage.db.pool import close_db, open_db, session_state_changed
 
 
 async def _setting(db) -> str:

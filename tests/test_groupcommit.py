@@ -22,11 +22,12 @@ import pytest
 from cache_helpers import check_store, connect
 from helpers import upload, wal_outcomes
 
-from storage import repo, uploads
-from storage.access import Identity
+from storage.auth.access import Identity
 from storage.backends.fsutil import DirSync
-from storage.element import element_key
-from storage.groupcommit import Batcher
+from storage.db import repo
+from storage.domain import uploads
+from storage.domain.element import element_key
+from storage.domain.groupcommit import Batcher
 from storage.models import utcnow
 
 WHO = Identity(sub="u-1", name="tester", role="admin", token_type="service_account",
@@ -376,7 +377,7 @@ async def test_patch_and_delete_take_two_round_trips_each(client, auth, stored, 
 @pytest.fixture
 async def rw_client(aiohttp_client, make_config):
     """(client, config) of an element in rw mode (edit can never become read-only)."""
-    from storage.app import make_app
+    from storage.web.app import make_app
 
     config = make_config(app_mode="rw")
     return await aiohttp_client(make_app(config)), config

@@ -15,14 +15,14 @@ from urllib.parse import unquote
 import pytest
 from multidict import CIMultiDict
 
-from storage.digests import (
+from storage.web.digests import (
     BadDigest,
     expected_digests,
     parse_content_digest,
     parse_content_md5,
     parse_legacy_digest,
 )
-from storage.httputil import (
+from storage.web.httputil import (
     content_disposition,
     etag_for,
     http_date,
@@ -32,7 +32,7 @@ from storage.httputil import (
     if_range_allows,
     parse_http_date,
 )
-from storage.ranges import RangeNotSatisfiable, content_range, multipart_byteranges, parse_range
+from storage.web.ranges import RangeNotSatisfiable, content_range, multipart_byteranges, parse_range
 
 SHA = hashlib.sha256(b"hello").hexdigest()
 ETAG = f'"{SHA}"'

@@ -14,8 +14,8 @@ import pytest
 from helpers import temp_files
 from server_proc import ServerProcess
 
-from storage.appkeys import runtime_key
 from storage.config import Config
+from storage.domain.appkeys import runtime_key
 
 SHUTDOWN_TIMEOUT = 2.0
 CHUNK = 256 * 1024
@@ -149,7 +149,7 @@ def test_shutdown_timeout_default_is_30_seconds():
 
 
 async def test_drain_waits_for_requests_in_flight_only_up_to_the_timeout(client, auth):
-    from storage.lifecycle import drain
+    from storage.cli.lifecycle import drain
 
     release = asyncio.Event()
 
@@ -194,8 +194,8 @@ async def test_serve_in_process_drains_on_sigterm(make_config, auth):
 
     from server_proc import free_port
 
-    from storage import lifecycle
-    from storage.app import make_app
+    from storage.cli import lifecycle
+    from storage.web.app import make_app
 
     config = make_config(server_host="127.0.0.1", server_port=free_port(), shutdown_timeout=5.0)
     serving = asyncio.create_task(lifecycle._serve(make_app(config), config, False))

@@ -9,8 +9,8 @@ import pytest
 from helpers import upload
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.app import make_app
-from storage.appkeys import metrics_key
+from storage.domain.appkeys import metrics_key
+from storage.web.app import make_app
 
 UPSTREAM = ("storage_capacity_total_bytes", "storage_capacity_used_bytes",
             "storage_capacity_free_bytes", "storage_capacity_percent_used",
@@ -235,7 +235,7 @@ async def test_spans_for_request_streams_and_sql_carry_the_request_id(aiohttp_cl
     pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from storage.tracing import exporter_key, tracing_key
+    from storage.observability.tracing import exporter_key, tracing_key
 
     exporter = InMemorySpanExporter()
     app = make_app(make_config(otel_exporter_otlp_endpoint="http://127.0.0.1:9"))
@@ -275,8 +275,8 @@ async def test_spans_for_request_streams_and_sql_carry_the_request_id(aiohttp_cl
 
 
 async def test_tracing_off_wraps_nothing(client):
-    from storage.appkeys import backend_key
-    from storage.tracing import TracedBackend, tracing_key
+    from storage.domain.appkeys import backend_key
+    from storage.observability.tracing import TracedBackend, tracing_key
 
     assert client.app.get(tracing_key) is None
     assert not isinstance(client.app[backend_key], TracedBackend)

@@ -1,8 +1,8 @@
 import asyncpg
 import pytest
 
-from storage import migrate
-from storage.app import make_app
+from storage.db import migrate
+from storage.web.app import make_app
 
 
 async def _tables(dsn: str, like: str) -> set[str]:
@@ -57,7 +57,7 @@ def test_yoyo_uri_accepts_libpq_forms():
 
 
 async def test_server_refuses_to_start_when_schema_is_behind(make_config):
-    from storage.app import StartupError, database_ctx
+    from storage.web.app import StartupError, database_ctx
 
     startup = database_ctx(make_app(make_config(db_auto_migrate=False)))
     with pytest.raises(StartupError, match="schema .* is behind"):

@@ -8,7 +8,7 @@ import time
 import pytest
 from helpers import upload
 
-from storage import modes
+from storage.domain import modes
 from storage.errors import BadRequest, Conflict
 
 MODES = ("edit", "rw", "ro", "ar")
@@ -135,7 +135,7 @@ async def test_persisted_mode_survives_restart_and_overrides_app_mode(app_factor
     first = await app_factory(app_mode="rw", table_prefix=prefix)
     await _post(first, auth(), "ro")
     await first.close()
-    caplog.set_level(logging.WARNING, logger="storage.modes")
+    caplog.set_level(logging.WARNING, logger="storage.domain.modes")
     again = await app_factory(app_mode="rw", table_prefix=prefix)
     info = await (await again.get("/api/v1/info")).json()
     assert info["mode"] == "ro"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from storage.naming import (
+from storage.domain.naming import (
     MAX_BYTES,
     MAX_CHARS,
     NamingError,

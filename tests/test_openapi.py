@@ -27,10 +27,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from server_proc import ServerProcess
 
-from storage import openapi
-from storage.app import make_app
+from storage.auth.devkeys import mint_token
 from storage.config import Config
-from storage.devkeys import mint_token
+from storage.web import openapi
+from storage.web.app import make_app
 
 DOC = openapi.build()
 BASE = "urn:storage-element:openapi"
@@ -95,7 +95,7 @@ def test_document_is_valid_openapi_3_1():
 
 def test_committed_json_is_current():
     assert openapi.JSON_PATH.read_text(encoding="utf-8") == openapi.render_file(), \
-        "storage/openapi.json is stale: run `python -m storage.openapi`"
+        "storage/openapi.json is stale: run `python -m storage.web.openapi`"
 
 
 def test_every_route_is_documented():

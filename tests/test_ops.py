@@ -11,11 +11,11 @@ import asyncpg
 import pytest
 from helpers import form, upload
 
-from storage import capacity
-from storage.appkeys import runtime_key
 from storage.config import Config
-from storage.element import element_key
-from storage.logs import JsonFormatter, RequestContextFilter, redact
+from storage.domain import capacity
+from storage.domain.appkeys import runtime_key
+from storage.domain.element import element_key
+from storage.observability.logs import JsonFormatter, RequestContextFilter, redact
 
 INFO_KEYS = {"name": str, "display_name": str, "version": str, "mode": str, "storage_type": str,
              "base_path": str, "capacity_bytes": int, "used_bytes": int, "file_count": int,

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from helpers import stored_objects
 
-from storage.protocol import MAX_HEADER_LINE, MAX_REQUEST_LINE, classify
+from storage.web.protocol import MAX_HEADER_LINE, MAX_REQUEST_LINE, classify
 
 SEARCH = "/api/v1/files/search"
 

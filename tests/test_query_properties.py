@@ -31,11 +31,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from storage.app import make_app
+from storage.auth.devkeys import mint_token
 from storage.config import Config
-from storage.devkeys import mint_token
+from storage.domain.search import SORTS
 from storage.errors import PROBLEM_JSON
-from storage.search import SORTS
+from storage.web.app import make_app
 
 LIST, SEARCH = "/api/v1/files", "/api/v1/files/search"
 INT64 = 2**63

@@ -26,7 +26,10 @@ from cache_helpers import (
 )
 from helpers import temp_files, upload
 
-from storage import attrs, locks, naming, ops, recovery, repo
+from storage import attrs
+from storage.cli import ops
+from storage.db import locks, repo
+from storage.domain import naming, recovery
 from storage.models import FileMeta, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent

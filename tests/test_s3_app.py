@@ -32,10 +32,11 @@ from helpers import (
     wal_outcomes,
 )
 
-from storage import attrmeta, attrs, recovery
-from storage.appkeys import backend_key
+from storage import attrs
 from storage.backends.s3 import S3Backend, S3Reader
-from storage.element import element_key
+from storage.domain import attrmeta, recovery
+from storage.domain.appkeys import backend_key
+from storage.domain.element import element_key
 
 pytestmark = pytest.mark.parametrize("storage_kind", ["s3"], indirect=True)
 MIB = 1024 * 1024

@@ -10,8 +10,9 @@ import pytest
 from helpers import upload
 from yoyo import read_migrations
 
-from storage import migrate, repo, search
-from storage.element import element_key
+from storage.db import migrate, repo
+from storage.domain import search
+from storage.domain.element import element_key
 from storage.errors import PROBLEM_JSON
 from storage.models import FileMeta
 
@@ -525,7 +526,7 @@ async def test_0002_upgrades_an_existing_table_in_place_and_rolls_back(pg_dsn, p
                         description="old row", metadata_json=None)
         await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
                                   schema="pg_catalog")
-        from storage.sql import queries
+        from storage.db.sql import queries
 
         await repo.insert_file(conn, queries(prefix), meta)
         migrate.apply(pg_dsn, prefix)

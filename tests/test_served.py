@@ -13,8 +13,8 @@ import uuid
 import pytest
 from helpers import BOTH_BACKENDS, sha256, upload
 
-from storage.app import make_app
-from storage.element import element_key
+from storage.domain.element import element_key
+from storage.web.app import make_app
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import re
 import asyncpg
 import pytest
 
-from storage import migrate
 from storage.config import ConfigError
-from storage.sql import parse, queries, render, templates
+from storage.db import migrate
+from storage.db.sql import parse, queries, render, templates
 
 
 def test_parse_splits_named_blocks_and_rejects_duplicates():

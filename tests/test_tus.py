@@ -31,9 +31,9 @@ from tus_helpers import (
 )
 from yarl import URL
 
-from storage import recovery
-from storage.element import element_key
-from storage.views.tus import hashes_key
+from storage.domain import recovery
+from storage.domain.element import element_key
+from storage.web.views.tus import hashes_key
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -514,7 +514,7 @@ async def test_expired_uploads_are_404_then_removed_by_recovery(app_factory, aut
 
 async def test_recovery_leaves_live_uploads_alone_and_rolls_back_orphan_intents(
         client, auth, pg_dsn):
-    from storage import resumable
+    from storage.domain import resumable
     from storage.models import utcnow
 
     admin = auth()

@@ -483,7 +483,7 @@ async def test_small_multipart_upload_reserves_once_and_an_exact_fit_still_fits(
     """A multipart file is at most its body's length: reserving that covers a small
     upload in one round trip. When the element cannot hold the whole body, the file's
     own bound is tried, so a file that fills the element exactly is accepted."""
-    from storage import repo
+    from storage.db import repo
 
     client = await app_factory(storage_max_size=10_000, storage_max_file_size=1_000_000)
     needs: list[int] = []
@@ -516,9 +516,9 @@ async def test_multipart_file_of_exactly_the_per_file_cap_is_accepted(app_factor
 async def test_stored_bytes_are_exact_whatever_the_piece_sizes(client, auth, pattern):
     """The upload pipeline holds small pieces back (a small body's end is written with
     the commit): however the body is cut, every byte arrives once, in order."""
-    from storage import uploads
-    from storage.access import Identity
-    from storage.element import element_key
+    from storage.auth.access import Identity
+    from storage.domain import uploads
+    from storage.domain.element import element_key
 
     data = random_bytes(5_000 if pattern == (1,) else 400_000)
 

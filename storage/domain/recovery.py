@@ -1,0 +1,353 @@
+"""WAL crash recovery: resolve pending intents so nothing partial stays visible and
+nothing committed is lost (reference §4, §15.2 item 14).
+
+Every create, update and delete records a ``pending`` WAL row before it touches
+storage, and commits or rolls it back at the end.  A row still pending means its
+process died (or is still working).  Resolution, with the attr file as the truth:
+
+- ``file_create``: data and attr present, the attr parses, names this file and its
+  size and sha256 match the data → insert the row, commit.  Anything less → remove
+  data and attr, roll back.  (The client never saw a 201; a complete upload is kept
+  because the bytes are durable and the id may be the client's own.)
+- ``file_update``: the row is refreshed from the attr file (a PATCH writes the attr
+  first, so the attr holds either the old or the new values, never a mix); the WAL
+  row is committed if the attr carries the requested values, else rolled back.
+- ``file_delete``: finished — data, attr and row are removed, commit.  The client
+  asked for it and the intent is durable; a retried DELETE then gets 404, and a
+  crash half-way through the unlinking (data gone, attr left) has only one sane
+  outcome anyway, so every state of a delete resolves the same way.
+- ``file_quarantine`` (scrub): finished if the data is already gone, else rolled back.
+- ``file_upload_resumable`` (tus, :func:`storage.resumable.resolve`): an upload in
+  progress is left alone (it is alive, not an error); an expired one is removed with
+  its staged bytes and reservation; a full one whose completion died is completed.
+- Any other operation is left pending and reported.
+
+Then the records of finished resumable uploads that expired and staged bytes no
+unfinished upload owns are removed (:func:`storage.resumable.sweep`), stray ``.tmp*``
+files are removed and finished WAL rows older than ``WAL_RETENTION_HOURS`` are purged.
+
+**Who may resolve what.**  Several processes (workers, hosts) can serve one prefix,
+and a pending row of a live process must not be "recovered" under its feet.  Every
+server holds the prefix's ``serve`` advisory lock *shared* for its lifetime
+(PostgreSQL drops it when the process dies).  At startup a process takes the
+``recovery`` lock and tries the ``serve`` lock *exclusively*:
+
+- granted → no other server is alive, every pending row is orphaned: resolve all
+  of them and sweep every temp file ("exclusive" pass);
+- refused → other servers are alive and may own young rows: resolve only updates
+  and deletes older than 5 minutes (a live one holds its row lock, and NOWAIT skips
+  it), uploads older than 24 hours, and temp files untouched for an hour ("shared"
+  pass, also run every few minutes by each server for its crashed siblings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+
+import asyncpg
+from aiohttp import web
+
+from .. import attrs
+from ..backends.base import ObjectMissing
+from ..db import locks, repo, repo_cache
+from ..errors import StorageError
+from ..models import WalEntry, utcnow
+from . import attrmeta, faults, files, resumable
+from .appkeys import dsn_key, metrics_key
+from .element import Element, element_key
+from .maintenance import check_data
+
+log = logging.getLogger(__name__)
+
+STALE_CHANGE = timedelta(minutes=5)
+STALE_CREATE = timedelta(hours=24)
+TEMP_GRACE_S = 3600.0
+MAINTAIN_EVERY_S = 300.0
+ALONE_WAIT_S = 5.0  # a killed predecessor's database session may take a moment to end
+PAGE = 200
+
+
+@dataclass(slots=True)
+class Report:
+    mode: str  # "exclusive" (no other server alive) or "shared"
+    completed: int = 0
+    rolled_back: int = 0
+    skipped: int = 0
+    errors: int = 0
+    temps_removed: int = 0
+    wal_purged: int = 0
+    uploads_completed: int = 0  # resumable uploads made files (their completion had died)
+    uploads_expired: int = 0  # resumable uploads removed after UPLOAD_EXPIRY_HOURS
+    uploads_swept: int = 0  # finished upload records and orphaned staged bytes removed
+    actions: list[str] = field(default_factory=list)
+
+    def note(self, wal: WalEntry, outcome: str, what: str) -> None:
+        line = f"{wal.operation_type} {wal.file_id} (WAL {wal.transaction_id}): {outcome}: {what}"
+        log.warning("recovery: %s", line)
+        if len(self.actions) < 100:
+            self.actions.append(line)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "actions"}
+
+
+async def _commit(el: Element, wal: WalEntry, result: dict, conn=None) -> None:
+    await repo.commit_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
+                          {"file_id": str(wal.file_id), **result}, utcnow())
+
+
+async def _rollback(el: Element, wal: WalEntry, why: str, conn=None) -> None:
+    await repo.rollback_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
+                            f"recovery: {why}", utcnow())
+
+
+async def _complete_upload(el: Element, wal: WalEntry, relpath: str) -> attrs.AttrDoc | str:
+    """The attr document when the upload at ``relpath`` is complete, else the reason."""
+    try:
+        doc = attrs.loads(await el.backend.read_attr(relpath), relpath)
+    except ObjectMissing:
+        return "no attr file"
+    except attrs.AttrError as exc:
+        return f"attr file unusable ({exc.reason})"
+    if doc.file_id != wal.file_id or doc.storage_path + doc.storage_filename != relpath:
+        return "attr file describes another file"
+    problem = await check_data(el, relpath, doc)
+    return problem[1] if problem else doc
+
+
+async def _resolve_create(el: Element, wal: WalEntry, report: Report) -> None:
+    relpath = wal.operation_data.get("relative_path")
+    if not isinstance(relpath, str) or wal.file_id is None:
+        await _rollback(el, wal, "intent has no target path")
+        report.rolled_back += 1
+        return report.note(wal, "rolled back", "intent has no target path")
+    row = await repo.get_file(el.db, wal.file_id)
+    if row is not None and row.relative_path == relpath:
+        await _commit(el, wal, {"recovered": "row already present"})
+        report.completed += 1
+        return report.note(wal, "committed", "the row was already written")
+    found = await _complete_upload(el, wal, relpath) if row is None else "id taken"
+    if isinstance(found, attrs.AttrDoc):
+        meta = attrmeta.to_meta(found, files.ttl_hours(el))
+        async with el.db.pool.acquire() as conn, conn.transaction():
+            await repo.insert_file(conn, el.db.q, meta)
+            await _commit(el, wal, {"checksum": meta.checksum, "file_size": meta.file_size,
+                                    "recovered": "data and attr complete"}, conn)
+        report.completed += 1
+        return report.note(wal, "committed", "data and attr file complete, row inserted")
+    await el.backend.delete(relpath)
+    await el.backend.discard_temp(relpath, str(wal.operation_data.get("temp_path") or ""))
+    await _rollback(el, wal, f"incomplete upload removed ({found})")
+    report.rolled_back += 1
+    report.note(wal, "rolled back", f"incomplete upload removed ({found})")
+
+
+def _update_applied(data: dict, doc: attrs.AttrDoc) -> bool:
+    wanted = ((data.get("description"), doc.description), (data.get("version"), doc.version),
+              (data.get("metadata"), doc.custom_attributes))
+    return all(want is None or want == have for want, have in wanted)
+
+
+async def _resolve_update(el: Element, wal: WalEntry, report: Report) -> None:
+    q = el.db.q
+    async with el.db.pool.acquire() as conn, conn.transaction():
+        row = await repo_cache.lock_file_nowait(conn, q, wal.file_id)
+        if row is None:
+            await _rollback(el, wal, "the file no longer exists", conn)
+            report.rolled_back += 1
+            return report.note(wal, "rolled back", "the file no longer exists")
+        try:
+            doc = attrs.loads(await el.backend.read_attr(row.relative_path), row.relative_path)
+        except (ObjectMissing, attrs.AttrError) as exc:
+            why = f"attr file unreadable, row left as it was ({exc})"
+            await _rollback(el, wal, why, conn)
+            report.rolled_back += 1
+            return report.note(wal, "rolled back", why)
+        fresh = attrmeta.to_meta(doc)
+        fresh.storage_path, fresh.storage_filename = row.storage_path, row.storage_filename
+        await repo.refresh_file(conn, q, fresh, files.ttl_hours(el))
+        if _update_applied(wal.operation_data, doc):
+            await _commit(el, wal, {"recovered": "attr file has the update"}, conn)
+            report.completed += 1
+            return report.note(wal, "committed", "attr file has the update; row refreshed")
+        await _rollback(el, wal, "the update never reached the attr file", conn)
+        report.rolled_back += 1
+        report.note(wal, "rolled back", "the update never reached the attr file; row refreshed")
+
+
+async def _resolve_removal(el: Element, wal: WalEntry, report: Report) -> None:
+    """file_delete (always finished) and file_quarantine (finished once the data is gone)."""
+    q = el.db.q
+    async with el.db.pool.acquire() as conn, conn.transaction():
+        row = await repo_cache.lock_file_nowait(conn, q, wal.file_id) if wal.file_id else None
+        relpath = row.relative_path if row else wal.operation_data.get("relative_path")
+        if (wal.operation_type == "file_quarantine" and isinstance(relpath, str)
+                and await el.backend.exists(relpath)):
+            await _rollback(el, wal, "data still in place; quarantine abandoned", conn)
+            report.rolled_back += 1
+            return report.note(wal, "rolled back", "data still in place")
+        if isinstance(relpath, str):
+            await el.backend.delete(relpath)
+        if row is not None:
+            await repo.delete_file(conn, q, row.file_id)
+        await _commit(el, wal, {"recovered": "removal finished"}, conn)
+    report.completed += 1
+    report.note(wal, "committed", "removal finished (data, attr and row gone)")
+
+
+RESOLVERS = {"file_create": _resolve_create, "file_update": _resolve_update,
+             "file_delete": _resolve_removal, "file_quarantine": _resolve_removal,
+             resumable.OP: resumable.resolve}
+
+
+async def resolve(el: Element, wal: WalEntry, report: Report) -> None:
+    resolver = RESOLVERS.get(wal.operation_type)
+    if resolver is None:
+        report.skipped += 1
+        return report.note(wal, "left pending", "unknown operation type")
+    try:
+        await resolver(el, wal, report)
+    except asyncpg.LockNotAvailableError:
+        report.skipped += 1
+        return report.note(wal, "left pending", "a live operation holds the file")
+    except (StorageError, asyncpg.PostgresError, OSError) as exc:
+        report.errors += 1
+        log.exception("recovery of WAL %s failed", wal.transaction_id)
+        return report.note(wal, "left pending", f"failed: {exc}")
+    await faults.point(el, "recovery.resolved")
+
+
+async def recover(el: Element, *, alone: bool) -> Report:
+    """Resolve pending WAL rows (all of them when ``alone``), sweep temps, purge the WAL."""
+    report = Report("exclusive" if alone else "shared")
+    now = utcnow()
+    before = now + timedelta(days=1) if alone else now - STALE_CHANGE
+    after: tuple[datetime, object] = (datetime.min.replace(tzinfo=now.tzinfo), repo_cache.NIL)
+    while rows := await repo_cache.pending_page(el.db.pool, el.db.q, before=before,
+                                                after=after, limit=PAGE):
+        after = (rows[-1].started_at, rows[-1].transaction_id)
+        for wal in rows:
+            if (not alone and wal.operation_type == "file_create"
+                    and wal.started_at > now - STALE_CREATE):
+                continue
+            await resolve(el, wal, report)
+    report.uploads_swept = await resumable.sweep(el)
+    report.temps_removed = await el.backend.remove_stray_temps(0 if alone else TEMP_GRACE_S)
+    report.wal_purged = await repo.purge_wal(
+        el.db, utcnow() - timedelta(hours=el.config.wal_retention_hours))
+    return report
+
+
+# process lifecycle ------------------------------------------------------------------------
+
+
+async def _lock_wait(conn: asyncpg.Connection, el: Element, lock_key: int, what: str) -> None:
+    """Wait for an exclusive advisory lock, saying every 10 s who holds it."""
+    loop = asyncio.get_running_loop()
+    next_note = loop.time()
+    while not await locks.try_lock(conn, el.db.q, lock_key):
+        if loop.time() >= next_note:
+            who = "; ".join(h.describe() for h in await locks.holders(conn, el.db.q, lock_key))
+            log.info("waiting for the %s lock held by %s", what, who or "another session")
+            next_note = loop.time() + 10
+        await asyncio.sleep(0.2)
+
+
+async def claim(conn: asyncpg.Connection, el: Element) -> bool:
+    """Try the serve lock exclusively: True when no server of this prefix is alive.
+
+    A holder that is a dead process on this host (a predecessor just SIGKILLed, whose
+    database session PostgreSQL has not reaped yet) is waited for, briefly.
+    """
+    q, serve = el.db.q, locks.key(el.prefix, locks.SERVE)
+    deadline = asyncio.get_running_loop().time() + ALONE_WAIT_S
+    while not await locks.try_lock(conn, q, serve):
+        holders = await locks.holders(conn, q, serve)
+        if not all(locks.dead_local(h) for h in holders):
+            return False
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def startup(el: Element, conn: asyncpg.Connection, *, serve: bool,
+                  force: bool = False) -> Report:
+    """The startup pass on ``conn``; with ``serve`` the connection keeps the shared serve
+    lock afterwards.  ``force`` (ops CLI) resolves everything even if servers seem alive."""
+    q = el.db.q
+    rec_key, serve_key = locks.key(el.prefix, locks.RECOVERY), locks.key(el.prefix, locks.SERVE)
+    await locks.set_label(conn, q, locks.label("startup recovery" if serve else "recovery"))
+    await _lock_wait(conn, el, rec_key, "recovery")
+    try:
+        exclusive = await claim(conn, el)
+        try:
+            report = await recover(el, alone=exclusive or force)
+        finally:
+            if serve and not await locks.try_lock(conn, q, serve_key, shared=True):
+                raise RuntimeError("could not take the shared serve lock")
+            if exclusive:
+                await locks.unlock(conn, q, serve_key)
+    finally:
+        await locks.unlock(conn, q, rec_key)
+    await locks.set_label(conn, q, locks.label("serving"))
+    return report
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn)
+
+
+async def _maintain(el: Element, dsn: str, holder: list[asyncpg.Connection],
+                    counted: Callable[[Report], None] = lambda _report: None) -> None:
+    """Every few minutes: keep the serve lock, resolve crashed siblings' rows, purge;
+    each pass's report goes to ``counted`` (the metrics)."""
+    while True:
+        await asyncio.sleep(MAINTAIN_EVERY_S)
+        try:
+            if holder[0].is_closed():  # the database restarted: take the serve lock again
+                holder[0] = await _connect(dsn)
+                await locks.set_label(holder[0], el.db.q, locks.label("serving"))
+                await locks.try_lock(holder[0], el.db.q, locks.key(el.prefix, locks.SERVE),
+                                     shared=True)
+            async with locks.hold(el.db, locks.RECOVERY, "periodic recovery"):
+                report = await recover(el, alone=False)
+            counted(report)
+            if report.completed or report.rolled_back or report.wal_purged:
+                log.info("periodic recovery: %s", report.summary())
+        except locks.LockBusy:
+            continue
+        except Exception:  # keep the task alive; the next round retries
+            log.exception("periodic recovery failed")
+
+
+async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (after ``element_ctx``): startup recovery before the port opens,
+    the serve lock for the process lifetime, and the periodic maintenance task."""
+    el = app[element_key]
+    dsn = app[dsn_key]
+    counted = app[metrics_key].count_recovery
+    conn = await _connect(dsn)
+    el.runtime.recovering = True
+    try:
+        report = await startup(el, conn, serve=True)
+        log.info("startup recovery (%s pass): %s", report.mode, report.summary())
+        counted(report)
+    except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
+        log.exception("startup recovery failed")
+    finally:
+        el.runtime.recovering = False
+    holder = [conn]
+    task = asyncio.create_task(_maintain(el, dsn, holder, counted), name="wal-maintenance")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await holder[0].close()
