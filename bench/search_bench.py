@@ -35,7 +35,7 @@ from bench import search_gen
 from storage.db import migrate, repo_search, search_sql
 from storage.db.embedded import EmbeddedPostgres
 from storage.db.pool import Db, close_db, open_db
-from storage.domain import search
+from storage.domain import search, search_query
 
 TARGET_P99_MS = 20.0
 
@@ -54,9 +54,10 @@ def cases(seed: int, end: datetime) -> list[Case]:
     mid = start + (end - start) / 2
     user = vocab.users[4][1]
     project = vocab.projects[25]
-    deep = search.encode_cursor(search.SORTS["-created_at"], mid, uuid.UUID(int=2**128 - 1))
-    by_name = search.encode_cursor(search.SORTS["original_filename"], "minutes",
-                                   uuid.UUID(int=0))
+    deep = search_query.encode_cursor(search_sql.SORTS["-created_at"], mid,
+                                      uuid.UUID(int=2**128 - 1))
+    by_name = search_query.encode_cursor(search_sql.SORTS["original_filename"], "minutes",
+                                         uuid.UUID(int=0))
     return [
         Case("list", "no filter (newest first, the default sort)", {}),
         Case("text", f"q={project} (a project name), newest first", {"q": project}),
@@ -91,7 +92,7 @@ def cases(seed: int, end: datetime) -> list[Case]:
     ]
 
 
-async def statements_only(db: Db, p: search.SearchParams) -> None:
+async def statements_only(db: Db, p: search_sql.SearchParams) -> None:
     """What :func:`storage.search.run` asks of PostgreSQL, rows left undecoded.
 
     Mirrors ``run``: the page (its row count read from the command status), then the
@@ -125,7 +126,7 @@ async def time_case(db: Db, case: Case, concurrency: int, requests: int,
     level "endpoint": ``search.run`` and the JSON body, as the handler does;
     level "db": :func:`statements_only`.
     """
-    params = search.parse_params(MultiDict(case.params))
+    params = search_query.parse_params(MultiDict(case.params))
     samples: list[float] = []
 
     async def endpoint() -> None:
@@ -179,7 +180,7 @@ async def _plan(db: Db, statement: tuple[str, list[Any]]) -> dict[str, Any]:
 async def explain(db: Db, case: Case) -> dict[str, Any]:
     """The page statement's plan, and how the total was found (and its plan)."""
     prefix = db.q.prefix
-    params = search.parse_params(MultiDict(case.params))
+    params = search_query.parse_params(MultiDict(case.params))
     page = await _plan(db, search_sql.page_statement(prefix, params))
     result = await search.run(db, params)
     if params.cursor is None and result.next_cursor is None:

@@ -508,11 +508,10 @@ def test_serialize_equals_dumps_of_the_checked_document():
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=400), st.text(max_size=600), st.text(max_size=60))
 def test_a_document_said_to_fit_always_fits(name, description, username):
-    from storage.auth.access import Identity
     from storage.domain import attrmeta
     from storage.domain.naming import NamingError
     from storage.domain.uploads import UploadSpec, attr_surely_fits, build_meta
-    from storage.models import utcnow
+    from storage.models import Identity, utcnow
 
     who = Identity(sub="s" * 30, name=username, role="user", token_type="user",
                    is_service_account=False)

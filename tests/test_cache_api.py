@@ -19,10 +19,9 @@ from cache_helpers import (
 )
 from helpers import temp_files, upload
 
-from storage.auth.access import Identity
 from storage.db import locks, repo_cache
 from storage.domain import cache, files, naming
-from storage.models import FileMeta, utcnow
+from storage.models import FileMeta, Identity, utcnow
 
 CACHE = [("POST", "/api/v1/cache/rebuild"), ("POST", "/api/v1/cache/rebuild/incremental"),
          ("GET", "/api/v1/cache/consistency"), ("POST", "/api/v1/cache/cleanup-expired")]

@@ -22,13 +22,12 @@ import pytest
 from cache_helpers import check_store, connect
 from helpers import upload, wal_outcomes
 
-from storage.auth.access import Identity
 from storage.backends.fsutil import DirSync
 from storage.db import repo
 from storage.domain import uploads
 from storage.domain.element import element_key
 from storage.domain.groupcommit import Batcher
-from storage.models import utcnow
+from storage.models import Identity, utcnow
 
 WHO = Identity(sub="u-1", name="tester", role="admin", token_type="service_account",
                is_service_account=True)

@@ -33,7 +33,7 @@ from yarl import URL
 
 from storage.auth.devkeys import mint_token
 from storage.config import Config
-from storage.domain.search import SORTS
+from storage.db.search_sql import SORTS
 from storage.errors import PROBLEM_JSON
 from storage.web.app import make_app
 

@@ -11,7 +11,7 @@ from helpers import upload
 from yoyo import read_migrations
 
 from storage.db import migrate, repo
-from storage.domain import search
+from storage.domain import search, search_query
 from storage.domain.element import element_key
 from storage.errors import PROBLEM_JSON
 from storage.models import FileMeta
@@ -405,7 +405,7 @@ async def test_totals_exact_counter_and_estimate(client, auth, corpus):
     page = await find(client, auth, limit="1", **{"metadata.project": "apollo"})
     assert page["total"] == 3 and page["total_is_estimate"] is False
     db = client.app[element_key].db
-    params = search.parse_params(_multidict({"metadata.project": "apollo", "limit": "1"}))
+    params = search_query.parse_params(_multidict({"metadata.project": "apollo", "limit": "1"}))
     result = await search.run(db, params, exact_limit=2)
     assert result.total_is_estimate is True and result.total >= 3
     result = await search.run(db, params, exact_limit=3)
@@ -476,7 +476,7 @@ BAD_INPUT = [
 async def test_bad_input_is_400_with_a_clear_detail(client, auth):
     for path in (SEARCH, "/api/v1/files"):
         for params, detail in BAD_INPUT:
-            if path != SEARCH and not search.is_search(params):
+            if path != SEARCH and not search_query.is_search(params):
                 continue  # limit alone is the legacy list's, which clamps it
             resp = await client.get(path, params=params, headers=auth())
             body = await resp.json(content_type=None)

@@ -516,9 +516,9 @@ async def test_multipart_file_of_exactly_the_per_file_cap_is_accepted(app_factor
 async def test_stored_bytes_are_exact_whatever_the_piece_sizes(client, auth, pattern):
     """The upload pipeline holds small pieces back (a small body's end is written with
     the commit): however the body is cut, every byte arrives once, in order."""
-    from storage.auth.access import Identity
     from storage.domain import uploads
     from storage.domain.element import element_key
+    from storage.models import Identity
 
     data = random_bytes(5_000 if pattern == (1,) else 400_000)
 

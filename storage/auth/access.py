@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
+
+from ..models import Identity
 
 
 class Access(enum.Enum):
@@ -22,22 +23,6 @@ class Access(enum.Enum):
     SERVICE = "service"  # a service account (gc, cache)
     SERVICE_DELETE = "service_delete"  # a service account whose role is not readonly (gc)
     ADMIN = "admin"  # role admin (runtime mode changes)
-
-
-ROLES = ("admin", "operator", "user", "readonly")
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """The authenticated caller, as handlers see it."""
-
-    sub: str
-    name: str
-    role: str  # one of ROLES; unknown upstream roles map to "readonly"
-    token_type: str  # the JWT "type" claim
-    is_service_account: bool
-    jti: str = ""
-    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 identity_key = web.RequestKey("identity", Identity)

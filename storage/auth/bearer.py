@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ..config import Config
 from ..domain.appkeys import auth_key, config_key
 from ..errors import Forbidden, StorageError, Unauthorized, render
+from ..models import Identity
 from . import devkeys
-from .access import Access, Identity, identity_key, required_access
+from .access import Access, identity_key, required_access
 from .keys import (  # noqa: F401 - re-exported: the auth API in one place
     JWKS_REFRESH_INTERVAL,
     JWKS_RETRY_AFTER_FAILURE,

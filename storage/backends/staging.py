@@ -3,7 +3,7 @@
 A resumable upload's bytes arrive over many requests, possibly in different processes,
 and must survive a crash once acknowledged; they become an ordinary file (data and attr
 document at the final relpath, atomically) only when complete.  :class:`Staging` is
-that life cycle; :func:`make_staging` picks the backend's:
+that life cycle; :func:`storage.backends.make_staging` picks the backend's:
 
 - local disk (:mod:`.staging_local`): one file per upload under ``<root>/.resumable/``
   (a dot-directory: the attr walkers skip it, the ``.tmp*`` sweep never matches it),
@@ -83,13 +83,3 @@ class Staging(abc.ABC):
     @abc.abstractmethod
     async def staged_ids(self) -> list[uuid.UUID]:
         """Ids of the uploads that have staged bytes (for the orphan sweep)."""
-
-
-def make_staging(backend: Backend) -> Staging:
-    if backend.name == "s3":
-        from .staging_s3 import S3Staging
-
-        return S3Staging(backend)  # type: ignore[arg-type]
-    from .staging_local import LocalStaging
-
-    return LocalStaging(backend)  # type: ignore[arg-type]

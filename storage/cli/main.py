@@ -8,11 +8,9 @@ created.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import Config, ConfigError
@@ -43,23 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def database(config: Config) -> Iterator[str]:
-    """A DSN for CLI commands, starting the embedded PostgreSQL when it is the default."""
-    if config.dsn is not None:
-        yield config.dsn
-        return
-    from ..db.embedded import EmbeddedPostgres
-
-    embedded = EmbeddedPostgres(config.data_dir)
-    try:
-        yield embedded.start()
-    finally:
-        embedded.stop()
-
-
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     from ..db import migrate
+    from ..db.embedded import database
 
     with database(config) as dsn:
         if args.list:

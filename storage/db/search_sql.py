@@ -1,10 +1,11 @@
-"""Search SQL: the composition of trusted fragments (issue 7).
+"""Search SQL: the composition of trusted fragments, and the validated query
+(:class:`SearchParams`) they are composed for (issue 7).
 
 Trust boundary ("safeholders vs placeholders", after Kinto's PostgreSQL storage):
 
 - *Safeholders* are the SQL fragments of ``sql/search.sql``, loaded once, rendered for
   the validated table prefix and picked here by FIXED names only: one per filter, an
-  ORDER BY and a keyset condition per whitelisted sort key (``search.SORTS``).  The only
+  ORDER BY and a keyset condition per whitelisted sort key (:data:`SORTS`).  The only
   string work done per request is joining trusted filter fragments with `` AND `` and
   filling the ``{select}``/``{where}``/``{order}`` safeholders of a statement fragment.
 - *Placeholders* are the values: every piece of request text (the query, a content
@@ -20,14 +21,78 @@ from __future__ import annotations
 import functools
 import json
 import re
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .sql import SQL_DIR, render
 
-if TYPE_CHECKING:
-    from ..domain.search import SearchParams, Sort
+# --- the query a statement is built from -------------------------------------------------
+
+DEFAULT_LIMIT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Sort:
+    """A whitelisted sort: which column feeds the cursor and its fragment names."""
+
+    name: str
+    column: str  # a search_page column (FileMeta field or search_rank)
+    order: str  # fragment names
+    after: str
+    needs_q: bool = False
+
+
+def _sort(name: str, column: str, direction: str) -> Sort:
+    return Sort(name, column, f"order_{column}_{direction}", f"after_{column}_{direction}")
+
+
+SORTS: Mapping[str, Sort] = MappingProxyType({
+    "-created_at": _sort("-created_at", "created_at", "desc"),
+    "created_at": _sort("created_at", "created_at", "asc"),
+    "-file_size": _sort("-file_size", "file_size", "desc"),
+    "file_size": _sort("file_size", "file_size", "asc"),
+    "-original_filename": _sort("-original_filename", "original_filename", "desc"),
+    "original_filename": _sort("original_filename", "original_filename", "asc"),
+    "rank": Sort("rank", "search_rank", "order_rank", "after_rank", needs_q=True),
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    sort: str
+    key: Any
+    file_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParams:
+    """A validated search request; built by
+    :func:`storage.domain.search_query.parse_params`."""
+
+    q: str | None = None
+    content_type: str | None = None  # exact media type, or "image/" for image/*
+    content_type_prefix: bool = False
+    created_by: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    sort: Sort = field(default_factory=lambda: SORTS["-created_at"])
+    limit: int = DEFAULT_LIMIT
+    cursor: Cursor | None = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any condition narrows the set (the total is then not the file counter)."""
+        return any((self.q, self.content_type, self.created_by, self.metadata,
+                    self.min_size is not None, self.max_size is not None,
+                    self.created_after, self.created_before))
+
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d{0,15})(?:\.\d{1,15})?")
 

@@ -2,7 +2,7 @@
 
 The ingester sends a file to an element only when ``health == "healthy"`` and
 ``capacity.available >= file size`` (reference §14.1), so ``available`` is exactly
-what the next upload can get from ``uploads._reserve``, never more:
+what the next upload can get from ``reservations.reserve``, never more:
 
 - ``room = min(STORAGE_MAX_SIZE - stored - reserved,
                free disk - STORAGE_DISK_RESERVE - reserved)`` (no disk term on S3);
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from .element import Element
-from .uploads import FORM_ALLOWANCE
+from .reservations import FORM_ALLOWANCE
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 5.0

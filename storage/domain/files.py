@@ -18,15 +18,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .. import attrs
-from ..auth.access import Identity
 from ..backends.base import ObjectMissing
 from ..db import repo, repo_cache
 from ..db.pool import session_state_changed, session_state_cleared
 from ..errors import NotFound, StorageError
-from ..models import FileMeta, utcnow
+from ..models import FileMeta, Identity, Served, utcnow
 from . import attrmeta, faults, modes
 from .element import Element
-from .served import Served
 from .uploads import attr_document
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth.access import Identity
 from ..config import MODES
 from ..errors import BadRequest, Conflict
-from ..models import utcnow
+from ..models import Identity, utcnow
 from .element import Element, element_key
 
 log = logging.getLogger(__name__)

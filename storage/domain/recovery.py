@@ -200,9 +200,29 @@ async def _resolve_removal(el: Element, wal: WalEntry, report: Report) -> None:
     report.note(wal, "committed", "removal finished (data, attr and row gone)")
 
 
+# what resumable.resolve did: the counters it adds to, the outcome and the note
+_RESUMABLE = {
+    "unrecorded": (("rolled_back",), "rolled back", "resumable upload without a record"),
+    "completed": (("completed", "uploads_completed"), "committed",
+                  "resumable upload complete, file made"),
+    "expired": (("rolled_back", "uploads_expired"), "rolled back",
+                "resumable upload expired, removed"),
+}
+
+
+async def _resolve_resumable(el: Element, wal: WalEntry, report: Report) -> None:
+    done = await resumable.resolve(el, wal, exclusive=report.mode == "exclusive")
+    if done is None:  # alive, or held by another process: left for a later pass
+        return
+    counters, outcome, what = _RESUMABLE[done]
+    for counter in counters:
+        setattr(report, counter, getattr(report, counter) + 1)
+    report.note(wal, outcome, what)
+
+
 RESOLVERS = {"file_create": _resolve_create, "file_update": _resolve_update,
              "file_delete": _resolve_removal, "file_quarantine": _resolve_removal,
-             resumable.OP: resumable.resolve}
+             resumable.OP: _resolve_resumable}
 
 
 async def resolve(el: Element, wal: WalEntry, report: Report) -> None:

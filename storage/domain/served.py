@@ -21,27 +21,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime
+
+from ..models import Served
 
 TTL_S = 60.0
 MAX_ENTRIES = 50_000
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """The immutable download facts of one file (a ``<prefix>_files`` row's subset)."""
-
-    file_id: uuid.UUID
-    relative_path: str
-    file_size: int
-    checksum: str
-    created_at: datetime
-    original_filename: str
-    content_type: str
-    cache_expires_at: datetime  # the row's lazy-refresh deadline (reference §7.2)
-    headers: tuple[tuple[str, str], ...] = ()  # response headers built once from the above
-    cached: bool = False  # True when this came from the in-memory cache
 
 
 class ServedCache:

@@ -1,9 +1,8 @@
 """Creating a file: WAL intent → stream to a temp object while hashing → commit →
 attr document → metadata row + WAL commit.  Any failure leaves nothing visible.
 
-The WAL intent row doubles as the capacity reservation: while it is pending its
-``reserved_bytes`` count against the element's capacity, so concurrent uploads
-cannot overshoot, and a crash frees the reservation when recovery resolves it.
+The WAL intent row doubles as the capacity reservation
+(:mod:`storage.domain.reservations`); a crash frees it when recovery resolves it.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from typing import Any
 import asyncpg
 
 from .. import attrs
-from ..auth.access import Identity
 from ..backends.base import Writer
 from ..db import repo
 from ..errors import (
@@ -29,17 +27,13 @@ from ..errors import (
     ClientGone,
     Conflict,
     InsufficientStorage,
-    PayloadTooLarge,
     StorageError,
 )
-from ..models import FileMeta, utcnow
-from . import attrmeta, faults, naming
+from ..models import FileMeta, Identity, utcnow
+from . import attrmeta, faults, naming, reservations
 from .element import Element
 
 log = logging.getLogger(__name__)
-GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
-MIN_RESERVATION = 1024 * 1024  # first reservation step for bodies of unknown length
-FORM_ALLOWANCE = 64 * 1024  # multipart framing and form fields, beyond the file itself
 # A piece up to this size is held back: if it is the body's last, the writer may hash it on
 # the loop and write it together with the commit (a small upload: one executor hop).
 DEFER_MAX = 64 * 1024
@@ -58,39 +52,6 @@ class UploadSpec:
     declared_size: int | None = None  # exact size when known (raw body Content-Length)
     size_bound: int | None = None  # an upper bound (multipart body Content-Length)
     digests: dict[str, bytes] = field(default_factory=dict)
-
-
-def max_file_size(el: Element) -> int:
-    cap = el.config.storage_max_file_size
-    return cap if cap > 0 else el.config.storage_max_size
-
-
-def _over_limit(el: Element, size: int | None) -> StorageError:
-    """A file over :func:`max_file_size`: 413 only when ``STORAGE_MAX_FILE_SIZE`` is set
-    explicitly; without it the limit is the element's capacity, and a file that cannot
-    fit the element is 507, the one status on which artStore's ingester tries another
-    element (any other refusal ends the upload)."""
-    cap, what = max_file_size(el), "File" if size is None else f"File size {size}"
-    if el.config.storage_max_file_size > 0:
-        return PayloadTooLarge(f"{what} exceeds the maximum of {cap} bytes",
-                               headers={"Connection": "close"})
-    return InsufficientStorage(f"Not enough capacity: {what.lower()} exceeds the element's "
-                               f"capacity of {cap} bytes", headers={"Connection": "close"})
-
-
-def file_size_bound(body_length: int) -> int:
-    """The largest file a multipart body of ``body_length`` bytes can carry, as far as
-    limits go: the framing and form fields get :data:`FORM_ALLOWANCE` (a file of
-    exactly the limit must not be refused for its envelope; the streamed byte count
-    enforces the real limit)."""
-    return max(body_length - FORM_ALLOWANCE, 0)
-
-
-def check_declared_size(el: Element, size: int | None) -> None:
-    """413 or 507 (see :func:`_over_limit`) before any byte is read when the announced
-    size is over the limit."""
-    if size is not None and size > max_file_size(el):
-        raise _over_limit(el, size)
 
 
 def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetime) -> FileMeta:
@@ -136,40 +97,6 @@ def attr_surely_fits(meta: FileMeta) -> bool:
     return ATTR_FIXED_PART + 6 * sum(len(t) for t in texts if t) <= attrs.MAX_ATTR_SIZE
 
 
-def _refuse(el: Element, r: repo.Reservation, need: int) -> None:
-    """:raises Conflict / InsufficientStorage: for a reservation that was refused."""
-    if r.status == "exists":
-        raise Conflict("File with this ID already exists")
-    limit = el.config.storage_max_size
-    if r.status == "capacity":
-        raise InsufficientStorage(
-            f"Not enough capacity: {need} bytes requested, "
-            f"{max(limit - r.used - r.reserved, 0)} of {limit} bytes available",
-            headers={"Connection": "close"},
-        )
-    if r.status == "disk":
-        raise InsufficientStorage(f"Not enough free disk space for {need} bytes",
-                                  headers={"Connection": "close"})
-    if r.status != "ok":
-        raise ClientGone("The upload was cancelled while it was running")
-
-
-async def _free(el: Element) -> int | None:
-    free = await el.backend.free_bytes()
-    return None if free is None else free - el.config.storage_disk_reserve
-
-
-async def precheck_capacity(el: Element, need: int | None) -> None:
-    """An early, non-reserving 507 (e.g. before answering ``100 Continue``)."""
-    if need:
-        used, _files, reserved = await repo.capacity_usage(el.db.pool, el.db.q)
-        free = await _free(el)
-        if used + reserved + need > el.config.storage_max_size:
-            _refuse(el, repo.Reservation("capacity", used, reserved), need)
-        if free is not None and free - reserved < need:
-            _refuse(el, repo.Reservation("disk", used, reserved), need)
-
-
 def _first_reservation(el: Element, spec: UploadSpec) -> tuple[int, int | None]:
     """Bytes to reserve with the WAL intent, and a smaller fallback if they are refused.
 
@@ -179,28 +106,19 @@ def _first_reservation(el: Element, spec: UploadSpec) -> tuple[int, int | None]:
     trip); only if that is refused is the lower bound tried, so a file that fits exactly
     into the remaining capacity is not refused for its envelope.
     """
-    cap = max_file_size(el)
+    cap = reservations.max_file_size(el)
     if spec.declared_size is not None:
         return spec.declared_size, None
     if not spec.size_bound:
         return 0, None
-    need, lower = min(spec.size_bound, cap), min(file_size_bound(spec.size_bound), cap)
+    need, lower = min(spec.size_bound, cap), min(reservations.file_size_bound(spec.size_bound), cap)
     return need, (lower if lower < need else None)
-
-
-async def _reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
-                   check_id: bool = False) -> None:
-    """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
-    r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
-    if r.status == "exists":
-        raise Conflict(f"File with ID {insert['file_id']} already exists")
-    _refuse(el, r, need)
 
 
 async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer,
                   chunks: AsyncIterator[bytes], reserved: int) -> None:
     """Body → writer, reading the next chunk while the previous one is written."""
-    cap = max_file_size(el)
+    cap = reservations.max_file_size(el)
     most = min(cap, spec.size_bound) if spec.size_bound else cap
     body, received = aiter(chunks), 0
     in_flight: asyncio.Future | None = None
@@ -217,10 +135,10 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
                 raise ClientGone(f"The upload was interrupted: {exc}") from None
             received += len(chunk)
             if received > cap:
-                raise _over_limit(el, None)
+                raise reservations.over_limit(el, None)
             if received > reserved:
                 # A body of known length (multipart) never needs more than that length.
-                reserved = await _grow(el, txid, reserved, received, most)
+                reserved = await reservations.grow(el, txid, reserved, received, most)
             if held or len(chunk) <= DEFER_MAX:
                 held += chunk  # linear however small the pieces come
                 if len(held) <= DEFER_MAX:
@@ -245,25 +163,6 @@ async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer
         raise ClientGone(
             f"Received {writer.size} bytes but Content-Length announced {spec.declared_size}"
         )
-
-
-async def _grow(el: Element, txid: uuid.UUID, reserved: int, need: int, cap: int) -> int:
-    """Grow the reservation by a step; near the limit, by just what is ``need``ed.
-
-    A whole step (64 MiB) must not be demanded from a disk with less free space than
-    that: a small chunked upload would get 507 on a disk with room for it (issue 11).
-    """
-    # Doubling from 1 MiB, by at most GROWTH_STEP at a time: a small chunked body never
-    # holds 64 MiB of capacity that concurrent uploads could use.
-    step = min(cap, max(need, MIN_RESERVATION, min(2 * reserved, reserved + GROWTH_STEP)))
-    try:
-        await _reserve(el, txid, step, insert=None)
-        return step
-    except InsufficientStorage:
-        if step == need:
-            raise
-    await _reserve(el, txid, need, insert=None)
-    return need
 
 
 def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
@@ -302,12 +201,12 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
         },
     }
     try:
-        await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+        await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     except InsufficientStorage:
         if fallback is None:
             raise
         need = fallback  # a nearly full element: reserve no more than the file can be
-        await _reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+        await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     await faults.point(el, "upload.after_intent")
     visible = committing = False
     try:
@@ -326,7 +225,7 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             visible = True
         await faults.point(el, "upload.after_files")
         committing = True
-        meta = await _finish(el, meta, txid)
+        meta = await finish(el, meta, txid)
         committing = False
         await faults.point(el, "upload.after_commit")
     except BaseException as exc:
@@ -357,7 +256,7 @@ def _commit_refused(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, ambiguous)
 
 
-async def _finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
+async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
     """The row in and the intent committed, in the next group commit.
 
     :raises Conflict: the id (or the storage name) is taken.

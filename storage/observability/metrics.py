@@ -1,4 +1,5 @@
-"""Prometheus metrics: one registry per app (never the global one) and ``/metrics``.
+"""Prometheus metrics: one registry per app (never the global one), scraped at ``/metrics``
+(:func:`storage.web.views.health.metrics_view`).
 
 Family names follow artStore where it had them (reference §8.5): upstream declared
 them and never updated them; here every family below moves.  Request, upload and
@@ -22,7 +23,6 @@ the request middleware from the route and the response, so their handlers need n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -32,14 +32,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from ..auth.access import Access, gate
 from ..config import MODES, Config
 from ..domain import capacity
 from ..domain.appkeys import config_key, metrics_key
@@ -287,12 +284,3 @@ async def refresh(app: web.Application) -> None:
     metrics.set_capacity(await capacity.snapshot(el))
 
 
-@gate(Access.PUBLIC)
-async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this element's registry."""
-    try:
-        await asyncio.wait_for(refresh(request.app), timeout=10)
-    except TimeoutError:
-        log.warning("metrics refresh timed out; serving the last values")
-    body = await asyncio.to_thread(generate_latest, request.app[metrics_key].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..domain.appkeys import config_key
-from ..observability import metrics
 from . import openapi
 from .views import cache, download, files, health, ops, search, tus
 
@@ -59,5 +58,5 @@ def setup_routes(app: web.Application) -> None:
     ])
     if config.metrics_enabled:  # both forms: upstream scrapers use /metrics/
         path = config.metrics_path.rstrip("/") or "/metrics"
-        app.add_routes([web.get(path, metrics.metrics_view, name="metrics"),
-                        web.get(path + "/", metrics.metrics_view, name="metrics_slash")])
+        app.add_routes([web.get(path, health.metrics_view, name="metrics"),
+                        web.get(path + "/", health.metrics_view, name="metrics_slash")])

@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Any
 
 from ..domain import validate
+from ..domain.resumable import FileFields
+from ..domain.resumable_steps import CHECKSUMS, Checksum
 from ..errors import BadRequest, PreconditionFailed
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "termination",
               "checksum", "expiration")
 OFFSET_OCTETS = "application/offset+octet-stream"
-CHECKSUMS: dict[str, Callable[[], Any]] = {
-    "sha1": hashlib.sha1, "sha256": hashlib.sha256,
-    "md5": lambda: hashlib.md5(usedforsecurity=False)}
 MAX_PAIRS = 64
 _INT = re.compile(r"[0-9]{1,19}")
 _KEY = re.compile(r"[!-+\--~]{1,128}")  # printable ASCII without space and comma
@@ -106,20 +102,6 @@ def serialize_metadata(pairs: Mapping[str, bytes]) -> str:
                     for k, v in pairs.items())
 
 
-@dataclass(slots=True)
-class FileFields:
-    """What a finished upload's file gets from its ``Upload-Metadata``."""
-
-    filename: str | None = None
-    content_type: str = "application/octet-stream"
-    description: str | None = None
-    version: str | None = None
-    metadata: dict[str, Any] | None = None
-    file_id: uuid.UUID | None = None
-    header: str = ""  # the canonical Upload-Metadata, echoed by HEAD
-    unknown: list[str] = field(default_factory=list)
-
-
 def _text(pairs: Mapping[str, bytes], key: str) -> str:
     try:
         return pairs[key].decode("utf-8")
@@ -159,17 +141,6 @@ def file_fields(header: str | None) -> FileFields:
     known = {*FILENAME_KEYS, *TYPE_KEYS, "description", "version", "metadata", "file_id"}
     out.unknown = [k for k in pairs if k not in known]
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Checksum:
-    """``Upload-Checksum: <algorithm> <base64 digest>`` of one PATCH body."""
-
-    algorithm: str
-    digest: bytes
-
-    def hasher(self) -> Any:
-        return CHECKSUMS[self.algorithm]()
 
 
 def upload_checksum(headers: Mapping[str, str]) -> Checksum | None:

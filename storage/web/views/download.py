@@ -22,8 +22,8 @@ from ...auth.access import Access, gate
 from ...backends.base import ObjectMissing, Reader, SizeMismatch
 from ...domain import files, validate
 from ...domain.element import element
-from ...domain.served import Served
 from ...errors import NotFound, PreconditionFailed, RangeNotSatisfiable, StorageError
+from ...models import Served
 from .. import httputil
 from .. import ranges as byte_ranges
 

@@ -14,9 +14,9 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from ...auth.access import Access, gate, identity
 from ...auth.bearer import check_request_auth
-from ...domain import files, modes, search, uploads, validate
+from ...domain import files, modes, reservations, search, uploads, validate
 from ...domain.element import Element, element
-from ...domain.search import is_search
+from ...domain.search_query import is_search
 from ...domain.uploads import UploadSpec
 from ...errors import BadRequest, StorageError, render
 from .. import digests
@@ -51,7 +51,7 @@ def _file_size_hint(request: web.Request) -> int | None:
     # small upload's CPU in py-spy), and a prefix is all this needs
     ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
     if size is not None and ctype.lstrip()[:10].lower() == "multipart/":
-        return uploads.file_size_bound(size)
+        return reservations.file_size_bound(size)
     return size
 
 
@@ -59,7 +59,7 @@ def _precheck_upload(request: web.Request) -> None:
     """Checks that need no body: mode and announced size (auth ran already)."""
     el = element(request)
     require_mode(el, "upload")
-    uploads.check_declared_size(el, _file_size_hint(request))
+    reservations.check_declared_size(el, _file_size_hint(request))
 
 
 async def upload_expect(request: web.Request) -> web.StreamResponse | None:
@@ -70,7 +70,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
         return refused
     try:
         _precheck_upload(request)
-        await uploads.precheck_capacity(element(request), _file_size_hint(request))
+        await reservations.precheck_capacity(element(request), _file_size_hint(request))
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)

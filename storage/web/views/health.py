@@ -1,15 +1,23 @@
-"""``/``, liveness and readiness (reference §1.3, §8.4)."""
+"""``/``, liveness and readiness (reference §1.3, §8.4), and the Prometheus scrape."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ...auth.access import Access, gate
 from ...db import repo
 from ...domain.appkeys import config_key, runtime_key
 from ...domain.element import element
 from ...models import utcnow
+from ...observability import metrics
 from . import ops
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -80,3 +88,14 @@ async def ready(request: web.Request) -> web.Response:
         {"status": "ready" if ok else "not_ready", "timestamp": _now(), "checks": checks},
         status=200 if ok else 503,
     )
+
+
+@gate(Access.PUBLIC)
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this element's registry."""
+    try:
+        await asyncio.wait_for(metrics.refresh(request.app), timeout=10)
+    except TimeoutError:
+        log.warning("metrics refresh timed out; serving the last values")
+    body = await asyncio.to_thread(generate_latest, request.app[metrics.metrics_key].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})

@@ -27,7 +27,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ...auth.access import Access, gate
-from ...domain import search
+from ...domain import search, search_query
 from ...domain.element import element
 from ...errors import BadRequest
 
@@ -37,6 +37,6 @@ async def search_files(request: web.Request) -> web.Response:
     if request.query.get("skip", "0") not in ("", "0"):
         raise BadRequest("skip cannot be combined with search parameters; "
                          "page with cursor=<next_cursor> instead")
-    params = search.parse_params(request.query)
+    params = search_query.parse_params(request.query)
     result = await search.run(element(request).db, params)
     return web.Response(text=result.body(), content_type="application/json")
