@@ -27,8 +27,9 @@ from storage import errors
 from storage.auth import bearer as auth
 from storage.auth import devkeys
 from storage.auth.access import Access, gate, identity_key
+from storage.auth.bearer import auth_key
 from storage.config import Config
-from storage.domain.appkeys import auth_key, config_key
+from storage.domain.element import config_key
 
 
 def now() -> int:

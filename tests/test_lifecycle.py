@@ -15,7 +15,7 @@ from helpers import temp_files
 from server_proc import ServerProcess
 
 from storage.config import Config
-from storage.domain.appkeys import runtime_key
+from storage.domain.element import runtime_key
 
 SHUTDOWN_TIMEOUT = 2.0
 CHUNK = 256 * 1024

@@ -9,7 +9,7 @@ import pytest
 from helpers import upload
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.domain.appkeys import metrics_key
+from storage.observability.metrics import metrics_key
 from storage.web.app import make_app
 
 UPSTREAM = ("storage_capacity_total_bytes", "storage_capacity_used_bytes",
@@ -275,7 +275,7 @@ async def test_spans_for_request_streams_and_sql_carry_the_request_id(aiohttp_cl
 
 
 async def test_tracing_off_wraps_nothing(client):
-    from storage.domain.appkeys import backend_key
+    from storage.domain.element import backend_key
     from storage.observability.tracing import TracedBackend, tracing_key
 
     assert client.app.get(tracing_key) is None

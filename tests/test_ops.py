@@ -13,8 +13,7 @@ from helpers import form, upload
 
 from storage.config import Config
 from storage.domain import capacity
-from storage.domain.appkeys import runtime_key
-from storage.domain.element import element_key
+from storage.domain.element import element_key, runtime_key
 from storage.observability.logs import JsonFormatter, RequestContextFilter, redact
 
 INFO_KEYS = {"name": str, "display_name": str, "version": str, "mode": str, "storage_type": str,

@@ -29,7 +29,7 @@ from helpers import temp_files, upload
 from storage import attrs
 from storage.cli import ops
 from storage.db import locks, repo
-from storage.domain import naming, recovery
+from storage.domain import naming, recovery, recovery_passes
 from storage.models import FileMeta, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +241,7 @@ async def test_a_second_process_waits_for_recovery_in_progress(client, config, p
         assert await locks.try_lock(conn, el.db.q, locks.key(config.table_prefix,
                                                              locks.RECOVERY))
         other = await connect(pg_dsn)
-        task = asyncio.create_task(recovery.startup(el, other, serve=False))
+        task = asyncio.create_task(recovery_passes.startup(el, other, serve=False))
         await asyncio.sleep(0.5)
         assert not task.done()  # blocked behind the recovery lock
         await conn.close()

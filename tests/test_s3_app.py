@@ -35,8 +35,7 @@ from helpers import (
 from storage import attrs
 from storage.backends.s3 import S3Backend, S3Reader
 from storage.domain import attrmeta, recovery
-from storage.domain.appkeys import backend_key
-from storage.domain.element import element_key
+from storage.domain.element import backend_key, element_key
 
 pytestmark = pytest.mark.parametrize("storage_kind", ["s3"], indirect=True)
 MIB = 1024 * 1024

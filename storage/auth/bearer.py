@@ -20,7 +20,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..config import Config
-from ..domain.appkeys import auth_key, config_key
+from ..domain.element import config_key
 from ..errors import Forbidden, StorageError, Unauthorized, render
 from ..models import Identity
 from . import devkeys
@@ -271,6 +271,9 @@ async def _with_key_source(config: Config) -> Config:
     log.warning("JWT: no key configured, using DEVELOPMENT keys in %s; mint a token with: "
                 "python run.py token --role admin --type service_account --name me", keys_dir)
     return config.with_(jwt_public_key_path=public)
+
+
+auth_key = web.AppKey("auth", Authenticator)
 
 
 async def auth_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from ..config import Config
-from ..domain.appkeys import runtime_key
+from ..domain.element import runtime_key
 from ..web.protocol import Runner
 
 log = logging.getLogger("storage")

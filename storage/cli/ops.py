@@ -25,7 +25,7 @@ from ..backends import make_backend
 from ..config import Config
 from ..db import locks, repo
 from ..db.pool import close_db, open_db
-from ..domain import cache, maintenance, recovery
+from ..domain import cache, maintenance, recovery_passes
 from ..domain.element import Element
 from ..domain.groupcommit import GroupCommit
 from ..domain.runtime import Runtime
@@ -147,7 +147,7 @@ async def _check(el: Element, args: argparse.Namespace, con: Console) -> int:
 async def _recover(el: Element, args: argparse.Namespace, con: Console) -> int:
     conn = await asyncpg.connect(args.dsn)
     try:
-        report = await recovery.startup(el, conn, serve=False, force=args.force)
+        report = await recovery_passes.startup(el, conn, serve=False, force=args.force)
     finally:
         await conn.close()
     con.result({**report.summary(), "actions": report.actions})

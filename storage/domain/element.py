@@ -1,4 +1,6 @@
-"""The running element: config, database, backend and runtime state of one app."""
+"""The running element: config, database, backend and runtime state of one app, and the
+typed keys under which an aiohttp app holds it and its parts (set by
+``storage.web.app`` while it starts, in that order, before the Element exists)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ class Element:
         return self.db.q.prefix
 
 
+config_key = web.AppKey("config", Config)
+dsn_key = web.AppKey("dsn", str)
+db_key = web.AppKey("db", Db)
+backend_key = web.AppKey("backend", Backend)
+runtime_key = web.AppKey("runtime", Runtime)
 element_key = web.AppKey("element", Element)
 
 

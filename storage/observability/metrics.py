@@ -39,8 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from ..config import MODES, Config
 from ..domain import capacity
-from ..domain.appkeys import config_key, metrics_key
-from ..domain.element import element_key
+from ..domain.element import config_key, element_key
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +194,9 @@ class Metrics:
             self.stored_bytes.set(cap.usage.stored)
             self.reserved_bytes.set(cap.usage.reserved)
             self.wal_pending.set(cap.usage.pending_wal)
+
+
+metrics_key = web.AppKey("metrics", Metrics)
 
 
 def install(app: web.Application) -> Metrics:

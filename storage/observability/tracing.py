@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Config
-from ..domain.appkeys import backend_key, config_key, db_key
+from ..domain.element import backend_key, config_key, db_key
 from .logs import request_id_var
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,14 +15,22 @@ from ..config import Config
 from ..db import migrate
 from ..db.embedded import EmbeddedPostgres
 from ..db.pool import close_db, open_db
-from ..domain.appkeys import backend_key, config_key, db_key, dsn_key, metrics_key, runtime_key
-from ..domain.element import Element, element_key
+from ..domain import recovery_passes
+from ..domain.element import (
+    Element,
+    backend_key,
+    config_key,
+    db_key,
+    dsn_key,
+    element_key,
+    runtime_key,
+)
 from ..domain.groupcommit import GroupCommit
 from ..domain.modes import load_persisted_mode, mode_ctx
-from ..domain.recovery import recovery_ctx
 from ..domain.runtime import Runtime
 from ..errors import error_middleware
 from ..observability import metrics
+from ..observability.metrics import metrics_key
 from ..observability.tracing import tracing_ctx
 from . import middleware
 from .middleware import cors_middleware, request_middleware
@@ -103,6 +112,34 @@ async def element_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     runtime.stopping = True
     await commits.close()
+
+
+async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (after ``element_ctx``): startup recovery before the port opens,
+    the serve lock for the process lifetime, and the periodic maintenance task."""
+    el = app[element_key]
+    dsn = app[dsn_key]
+    counted = app[metrics_key].count_recovery
+    conn = await recovery_passes.connect(dsn)
+    el.runtime.recovering = True
+    try:
+        report = await recovery_passes.startup(el, conn, serve=True)
+        log.info("startup recovery (%s pass): %s", report.mode, report.summary())
+        counted(report)
+    except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
+        log.exception("startup recovery failed")
+    finally:
+        el.runtime.recovering = False
+    holder = [conn]
+    task = asyncio.create_task(recovery_passes.maintain(el, dsn, holder, counted),
+                               name="wal-maintenance")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await holder[0].close()
 
 
 startup_hooks_key = web.AppKey("startup_hooks", list)

@@ -20,10 +20,11 @@ import time
 from aiohttp import hdrs, web
 
 from ..auth.access import identity_key
-from ..domain.appkeys import config_key, metrics_key, runtime_key
+from ..domain.element import config_key, runtime_key
 from ..errors import Unavailable, error_middleware, problem, render
 from ..observability import metrics as metrics_mod
 from ..observability.logs import request_id_var
+from ..observability.metrics import metrics_key
 from ..observability.tracing import tracing_key
 
 log = logging.getLogger("storage.access")

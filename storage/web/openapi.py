@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth.access import Access, gate
-from ..domain.appkeys import config_key
+from ..domain.element import config_key
 
 JSON_PATH = Path(__file__).with_name("openapi.json")
 PROBLEM = "application/problem+json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..domain.appkeys import config_key
+from ..domain.element import config_key
 from . import openapi
 from .views import cache, download, files, health, ops, search, tus
 

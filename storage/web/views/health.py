@@ -11,8 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ...auth.access import Access, gate
 from ...db import repo
-from ...domain.appkeys import config_key, runtime_key
-from ...domain.element import element
+from ...domain.element import config_key, element, runtime_key
 from ...models import utcnow
 from ...observability import metrics
 from . import ops

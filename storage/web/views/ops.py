@@ -10,10 +10,10 @@ from aiohttp import web
 from ...auth.access import Access, gate, identity
 from ...db import migrate
 from ...domain import capacity, modes, validate
-from ...domain.appkeys import metrics_key
 from ...domain.element import Element, element
 from ...errors import BadRequest, invalid
 from ...models import utcnow
+from ...observability.metrics import metrics_key
 
 MAX_HISTORY = 1000
 

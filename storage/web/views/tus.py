@@ -21,7 +21,6 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from ...auth.access import Access, gate, identity
 from ...auth.bearer import check_request_auth
 from ...domain import resumable
-from ...domain.appkeys import metrics_key
 from ...domain.element import element
 from ...domain.resumable import Hashes
 from ...errors import (
@@ -32,6 +31,7 @@ from ...errors import (
     UnsupportedMediaType,
     render,
 )
+from ...observability.metrics import metrics_key
 from .. import tusproto
 from ..tusproto import CHECKSUMS, EXTENSIONS, OFFSET_OCTETS, TUS_VERSION
 from .files import Pace, _body_chunks, _declared, require_mode
