@@ -32,9 +32,9 @@ from ...errors import (
     render,
 )
 from ...observability.metrics import metrics_key
-from .. import tusproto
+from .. import bodies, tusproto
 from ..tusproto import CHECKSUMS, EXTENSIONS, OFFSET_OCTETS, TUS_VERSION
-from .files import Pace, _body_chunks, _declared, require_mode
+from .files import require_mode
 
 ROOT = "/api/v1/uploads"
 hashes_key = web.AppKey("resumable_hashes", Hashes)
@@ -58,7 +58,8 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
     bytes so far are kept), one that comes too slowly a 408 (``Pace``)."""
     el = element(request)
     try:
-        async for chunk in _body_chunks(request, el.config.upload_chunk_size, Pace.of(el)):
+        pace = bodies.Pace.of(el)
+        async for chunk in bodies.body_chunks(request, el.config.upload_chunk_size, pace):
             yield chunk
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as exc:
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -104,7 +105,7 @@ async def create(request: web.Request) -> web.Response:
     checksum = tusproto.upload_checksum(request.headers) if chunk else None
     progress = await resumable.create(
         el, request.app[hashes_key], req, identity(request), _body(request) if chunk else None,
-        checksum=checksum, content_length=_declared(request))
+        checksum=checksum, content_length=bodies.declared(request))
     request.app[metrics_key].tus_started.inc()
     _count(request, progress)
     up = progress.upload
@@ -141,7 +142,7 @@ async def patch(request: web.Request) -> web.Response:
     if offset is None:
         raise BadRequest("Upload-Offset is required")
     req = resumable.Append(offset, tusproto.non_negative(request.headers, "Upload-Length"),
-                           tusproto.upload_checksum(request.headers), _declared(request))
+                           tusproto.upload_checksum(request.headers), bodies.declared(request))
     progress = await resumable.append(el, request.app[hashes_key], _file_id(request),
                                       identity(request), req, _body(request))
     _count(request, progress)
