@@ -32,7 +32,7 @@ from storage.db import locks, repo
 from storage.domain import naming, recovery, recovery_passes
 from storage.models import FileMeta, utcnow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _meta(name: str = "a.txt", when=None) -> FileMeta:

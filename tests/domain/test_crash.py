@@ -35,7 +35,7 @@ from server_proc import free_port
 
 from storage.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
 
