@@ -11,7 +11,7 @@
 
 Without ``--dsn`` an embedded PostgreSQL is started under the working directory.
 The generator (:func:`make_meta`, :func:`plant_many`) is shared with
-tests/test_cache_api.py, which compares the rebuilt rows with it column by column.
+tests/domain/test_cache_api.py, which compares the rebuilt rows with it column by column.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Loads ``--rows`` realistic rows (bench/search_gen.py) through the repository lay
 into ``<prefix>_files`` of a freshly migrated prefix (default ``sbench``; a prefix that
 already holds rows is rolled back and migrated again, i.e. its tables are DROPPED,
 unless ``--reuse`` finds exactly ``--rows`` rows), runs ``VACUUM (ANALYZE)``, then times each query
-as the endpoint runs it (``storage.search.run``: page + cursor + total, then the JSON
+as the endpoint runs it (``storage.domain.search.run``: page + cursor + total, then the JSON
 response body) under concurrency 1 and 8, and prints a Markdown table with the index
 each query's page statement uses (from ``EXPLAIN (ANALYZE, BUFFERS)``).  ``--out``
 writes the report to a file.  Not a timed test: run it by hand.
@@ -93,7 +93,7 @@ def cases(seed: int, end: datetime) -> list[Case]:
 
 
 async def statements_only(db: Db, p: search_sql.SearchParams) -> None:
-    """What :func:`storage.search.run` asks of PostgreSQL, rows left undecoded.
+    """What :func:`storage.domain.search.run` asks of PostgreSQL, rows left undecoded.
 
     Mirrors ``run``: the page (its row count read from the command status), then the
     same choice of total (none, the file counter, or estimate + capped count).
@@ -262,7 +262,7 @@ def render(prefix: str, rows: int, load_s: float, results: list[dict[str, Any]],
         "one Python process sharing a pool of 8 connections. p50 / p99 in ms; target: p99 < "
         f"{TARGET_P99_MS:.0f} ms.",
         "",
-        "- **endpoint**: `storage.search.run` (page of up to 100 files as JSON text "
+        "- **endpoint**: `storage.domain.search.run` (page of up to 100 files as JSON text "
         "rendered by PostgreSQL, next_cursor, total) and the response body, as the "
         "handler does.",
         "- **db**: the same statements with the rows left undecoded: what PostgreSQL "

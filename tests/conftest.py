@@ -169,7 +169,7 @@ def auth(token) -> Callable[..., dict[str, str]]:
 
 class AppServer(TestServer):
     """aiohttp's test server with the element's runner, as ``python run.py`` serves:
-    aiohttp's own HTTP errors are problem+json too (storage/protocol.py)."""
+    aiohttp's own HTTP errors are problem+json too (storage/web/protocol.py)."""
 
     async def _make_runner(self, **kwargs) -> Runner:
         return Runner(self.app, **kwargs)

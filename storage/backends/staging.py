@@ -11,7 +11,7 @@ that life cycle; :func:`storage.backends.make_staging` picks the backend's:
 - S3 (:mod:`.staging_s3`): part-sized chunk objects plus a tail object in the bucket,
   assembled server-side (``UploadPartCopy``) at the end.
 
-The upload's row (:class:`~storage.repo_uploads.ResumableUpload`) is the truth: its
+The upload's row (:class:`~storage.db.repo_uploads.ResumableUpload`) is the truth: its
 ``upload_offset`` counts the bytes a session flushed *and* the database recorded, and
 its ``staging`` holds the backend's bookkeeping.  Anything staged past that offset (a
 PATCH that died before its commit, a refused checksum) is ignored and overwritten.

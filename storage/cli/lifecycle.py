@@ -1,4 +1,4 @@
-"""Serving one process with a graceful SIGTERM (used by ``storage/server.py``).
+"""Serving one process with a graceful SIGTERM (used by ``storage/cli/server.py``).
 
 ``web.run_app`` closes every connection *before* the shutdown wait, and aiohttp
 then drops the bytes still arriving on it, so an upload in flight could never

@@ -1,8 +1,8 @@
 """Ops commands: ``python run.py rebuild|check|recover|migrate-attrs|scrub``.
 
 Each opens the element like the server does (same config, schema check, backend),
-runs one operation from :mod:`storage.cache`, :mod:`storage.recovery` or
-:mod:`storage.maintenance`, shows progress on stderr (see :class:`Console`) and prints
+runs one operation from :mod:`storage.domain.cache`, :mod:`storage.domain.recovery` or
+:mod:`storage.domain.maintenance`, shows progress on stderr (see :class:`Console`) and prints
 a JSON summary on stdout.  Exit status: 0 = done and nothing wrong found, 1 = done but problems were
 found or left (details in the summary), 2+ = could not run (as for every command).
 """

@@ -13,7 +13,7 @@ Keys are 64-bit, derived from the prefix and the purpose:
 - ``scrub``: re-hashing data files;
 - ``recovery``: resolving pending WAL rows (one resolver at a time);
 - ``serve``: held *shared* by every live server process of the element; whoever gets
-  it *exclusively* knows no server is running (see storage/recovery.py).
+  it *exclusively* knows no server is running (see storage/domain/recovery_passes.py).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ async def get_file(db: Db, file_id: uuid.UUID) -> FileMeta | None:
 
 
 async def get_served(db: Db, file_id: uuid.UUID) -> Served | None:
-    """What a download needs (see :mod:`storage.served`), or None without a row."""
+    """What a download needs (see :mod:`storage.domain.served`), or None without a row."""
     rec = await db.pool.fetchrow(db.q.get_served, file_id)
     return Served(file_id, *rec) if rec else None
 
@@ -173,7 +173,7 @@ class Finished:
 
 async def commit_batch(db: Db, members: list[Reserve | Finish], *, limit: int,
                        free: int | None, app_mode: str) -> list[Reservation | Finished]:
-    """One group commit (``storage.groupcommit``): every member in one statement and one
+    """One group commit (``storage.domain.groupcommit``): every member in one statement and one
     transaction; returns a :class:`Reservation` or :class:`Finished` per member, in order."""
     reserves = [(i, m) for i, m in enumerate(members) if not isinstance(m, Finish)]
     finishes = [(i, m) for i, m in enumerate(members) if isinstance(m, Finish)]

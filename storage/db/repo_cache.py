@@ -1,6 +1,6 @@
 """Repository functions for cache maintenance and recovery (sql/cache.sql, sql/recovery.sql).
 
-One function per statement, as in :mod:`storage.repo`.  Arrays go to PostgreSQL as
+One function per statement, as in :mod:`storage.db.repo`.  Arrays go to PostgreSQL as
 ``unnest`` parameters, so a batch is one round trip and every statement prepares.
 """
 

@@ -1,6 +1,6 @@
 """Repository functions for search: run composed statements, and a bulk loader.
 
-The statements come from :mod:`storage.search_sql` (trusted fragments, values as ``$n``).
+The statements come from :mod:`storage.db.search_sql` (trusted fragments, values as ``$n``).
 :func:`insert_files` loads many rows in one pipelined round trip (benchmarks, imports);
 the search document is computed by the table's trigger as for any other insert.
 """

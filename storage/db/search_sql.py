@@ -132,7 +132,7 @@ def _fragment_templates() -> Mapping[str, str]:
 
 @functools.cache
 def fragments(prefix: str) -> Mapping[str, str]:
-    """Every fragment rendered for ``prefix`` (validated by :func:`storage.sql.render`)."""
+    """Every fragment rendered for ``prefix`` (validated by :func:`storage.db.sql.render`)."""
     return MappingProxyType({n: render(t, prefix) for n, t in _fragment_templates().items()})
 
 

@@ -4,13 +4,13 @@
 the process SIGKILL itself when it reaches ``await faults.point(el, "<name>")``.
 Unset in production, where each point costs one attribute comparison.
 
-Points (see tests/test_crash.py): ``upload.after_intent``, ``upload.after_body``,
+Points (see tests/domain/test_crash.py): ``upload.after_intent``, ``upload.after_body``,
 ``upload.after_files`` (data and attr document in place), ``upload.after_commit``,
 ``update.after_intent``, ``update.after_attr``, ``update.after_commit``,
 ``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
 ``recovery.resolved``, ``commit.before_batch`` (a group commit about to be sent: earlier
 batches are acknowledged, its members are not), ``commit.after_batch`` (committed, its
-members not yet told); resumable uploads (tests/test_tus_process.py): ``tus.after_write``
+members not yet told); resumable uploads (tests/web/test_tus_process.py): ``tus.after_write``
 (a PATCH's bytes written, not yet synced), ``tus.after_commit`` (offset recorded, not yet
 acknowledged), ``tus.after_publish`` (the finished file's data and attr in place, no row
 yet), ``tus.after_finish`` (row in, upload not yet marked complete).

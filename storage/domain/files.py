@@ -50,7 +50,7 @@ async def get(el: Element, file_id: uuid.UUID, *, refresh: bool = True) -> FileM
 
 async def served(el: Element, file_id: uuid.UUID, *,
                  headers: Callable[[Served], Mapping[str, str]], fresh: bool = False) -> Served:
-    """What a download needs, from this process's cache (:mod:`storage.served`) or the
+    """What a download needs, from this process's cache (:mod:`storage.domain.served`) or the
     database; ``headers`` builds the response headers of a new entry.  A row past its
     cache time is refreshed from its attr document first (reference §7.2).
 
@@ -219,7 +219,7 @@ async def delete(el: Element, file_id: uuid.UUID, who: Identity, *,
             await repo.end_delete(change.conn, el.db.q, txid, file_id,
                                   {"file_id": str(file_id)}, utcnow())
             change.done = True
-            el.served.forget(file_id)  # other processes find the data gone (storage.served)
+            el.served.forget(file_id)  # other processes find the data gone (storage.domain.served)
     except Missing:
         return None
     await faults.point(el, "delete.after_commit")

@@ -17,13 +17,13 @@ process died (or is still working).  Resolution, with the attr file as the truth
   crash half-way through the unlinking (data gone, attr left) has only one sane
   outcome anyway, so every state of a delete resolves the same way.
 - ``file_quarantine`` (scrub): finished if the data is already gone, else rolled back.
-- ``file_upload_resumable`` (tus, :func:`storage.resumable.resolve`): an upload in
+- ``file_upload_resumable`` (tus, :func:`storage.domain.resumable.resolve`): an upload in
   progress is left alone (it is alive, not an error); an expired one is removed with
   its staged bytes and reservation; a full one whose completion died is completed.
 - Any other operation is left pending and reported.
 
 Then the records of finished resumable uploads that expired and staged bytes no
-unfinished upload owns are removed (:func:`storage.resumable.sweep`), stray ``.tmp*``
+unfinished upload owns are removed (:func:`storage.domain.resumable.sweep`), stray ``.tmp*``
 files are removed and finished WAL rows older than ``WAL_RETENTION_HOURS`` are purged.
 
 Which rows a pass may resolve, and when passes run (startup, every few minutes,

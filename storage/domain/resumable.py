@@ -1,7 +1,7 @@
 """Resumable uploads (tus 1.0.0, issue 17): create, append, complete, terminate, expire.
 
 **State** lives in PostgreSQL, one row of ``<prefix>_uploads`` per upload
-(:mod:`storage.repo_uploads`): offset, length (or deferred), the metadata, the
+(:mod:`storage.db.repo_uploads`): offset, length (or deferred), the metadata, the
 creator, the final names, the backend's staging bookkeeping, the sliding expiry.
 The capacity reservation is the ``reserved_bytes`` of the upload's pending WAL row
 (operation ``file_upload_resumable``, reserved by the group commit like every upload's),

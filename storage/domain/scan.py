@@ -1,8 +1,8 @@
 """Walking the store for cache maintenance: attr paths in batches, documents read a few
 at a time, each turned into a cache row or a reported problem (never an exception).
 
-Used by :mod:`storage.cache` (rebuild, consistency, expiry) and
-:mod:`storage.maintenance` (scrub, migrate-attrs).
+Used by :mod:`storage.domain.cache` (rebuild, consistency, expiry) and
+:mod:`storage.domain.maintenance` (scrub, migrate-attrs).
 """
 
 from __future__ import annotations

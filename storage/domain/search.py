@@ -53,7 +53,7 @@ async def run(db: Db, p: SearchParams, *, exact_limit: int = EXACT_TOTAL_LIMIT) 
     prefix = db.q.prefix
     async with db.pool.acquire() as conn:
         # Session-level, without a transaction's two extra round trips; the connection
-        # is marked for the pool's reset on release (storage.db.session_state_changed).
+        # is marked for the pool's reset on release (storage.db.pool.session_state_changed).
         await repo_search.use_custom_plans(conn, search_sql.custom_plans_statement(prefix))
         rows = await repo_search.search_page(conn, *search_sql.page_statement(prefix, p))
         more = len(rows) > p.limit

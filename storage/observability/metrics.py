@@ -144,7 +144,7 @@ class Metrics:
             "storage_group_commit_members", "Reservations and finishes per group commit "
             "(one database statement and transaction each)", buckets=BATCH_BUCKETS,
             registry=r)
-        # resumable uploads (tus): counted by storage/views/tus.py and the recovery passes
+        # resumable uploads (tus): counted by storage/web/views/tus.py and the recovery passes
         self.tus_started = Counter("storage_tus_uploads_started",
                                    "Resumable uploads created", registry=r)
         self.tus_completed = Counter("storage_tus_uploads_completed",
@@ -174,7 +174,8 @@ class Metrics:
                 self.recovery_actions.labels(action).inc(count)
 
     def count_recovery(self, report) -> None:
-        """What a recovery pass (a :class:`storage.recovery.Report`) did to resumable uploads."""
+        """What a recovery pass (a :class:`storage.domain.recovery.Report`) did to resumable
+        uploads."""
         self.tus_completed.inc(report.uploads_completed)
         self.tus_expired.inc(report.uploads_expired)
 

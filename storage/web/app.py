@@ -150,7 +150,7 @@ def make_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, request_middleware, cors_middleware, auth_middleware],
         client_max_size=1024 * 1024,
-        handler_args=HANDLER_ARGS,  # the parser's limits: 414 / 431 (storage/protocol.py)
+        handler_args=HANDLER_ARGS,  # the parser's limits: 414 / 431 (storage/web/protocol.py)
     )
     app[config_key] = config
     app[startup_hooks_key] = [load_persisted_mode]  # the persisted mode first: hooks see it

@@ -1,6 +1,6 @@
 """Pure HTTP helpers for downloads: validators (ETag, conditional requests), HTTP dates
-and Content-Disposition.  Byte ranges live in :mod:`storage.ranges`, upload digests in
-:mod:`storage.digests`.
+and Content-Disposition.  Byte ranges live in :mod:`storage.web.ranges`, upload digests in
+:mod:`storage.web.digests`.
 
 Nothing here does I/O or touches aiohttp; handlers feed header strings in and map the
 results to responses.  aiohttp's ``FileResponse`` gets If-Range with entity tags wrong

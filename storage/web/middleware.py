@@ -203,7 +203,7 @@ async def _on_response_prepare(request: web.Request, resp: web.StreamResponse) -
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    """Readiness turns 503 and new requests are refused (storage/lifecycle.py does it
+    """Readiness turns 503 and new requests are refused (storage/cli/lifecycle.py does it
     earlier, before draining; this covers any other runner)."""
     runtime = app.get(runtime_key)
     if runtime is not None:

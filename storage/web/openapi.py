@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of every endpoint, served at ``/api/v1/openapi.json``.
 
-:func:`build` is the source; ``storage/openapi.json`` is its committed output for
-readers and tools (``python -m storage.openapi`` rewrites it; a test keeps the two
+:func:`build` is the source; ``storage/web/openapi.json`` is its committed output for
+readers and tools (``python -m storage.web.openapi`` rewrites it; a test keeps the two
 equal).  Tests validate real responses against it and fuzz the live app with
 schemathesis.  Errors everywhere are ``application/problem+json`` (RFC 9457) with
 a string ``detail`` (artStore clients read ``detail``).
@@ -603,10 +603,10 @@ async def serve(request: web.Request) -> web.Response:
 
 
 def render_file() -> str:
-    """The committed ``storage/openapi.json`` text (default version)."""
+    """The committed ``storage/web/openapi.json`` text (default version)."""
     return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
 
-if __name__ == "__main__":  # python -m storage.openapi  (rewrites storage/openapi.json)
+if __name__ == "__main__":  # python -m storage.web.openapi  (rewrites storage/web/openapi.json)
     JSON_PATH.write_text(render_file(), encoding="utf-8")
     print(f"wrote {JSON_PATH}", file=sys.stderr)

@@ -20,7 +20,7 @@ all as problem+json with a string ``detail``, ``Connection: close`` and a fresh
 its ``Origin`` are unknown: no CORS headers, no access-log line or metrics sample).
 
 It is installed by :class:`Runner` (``python run.py``) and by the test fixtures, both
-through ``AppRunner._make_server``; the raw-socket tests in tests/test_protocol.py
+through ``AppRunner._make_server``; the raw-socket tests in tests/web/test_protocol.py
 fail if an aiohttp upgrade stops calling it.
 """
 

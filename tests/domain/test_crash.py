@@ -4,7 +4,7 @@ database and the attr files agree, no temp file (or S3 multipart upload) and no
 pending WAL row is left.  The matrix runs on local disk and on S3, where the uploads
 are large enough to stream as multipart uploads.
 
-The steps are named fault points (``STORAGE_FAULT_POINT``, storage/faults.py); a kill
+The steps are named fault points (``STORAGE_FAULT_POINT``, storage/domain/faults.py); a kill
 in the middle of a body is done from outside while the client is still sending.  One
 server process per step: the restart that checks step N is started with step N+1's
 fault point, so the whole matrix costs one start per step (about 25 s).  The same

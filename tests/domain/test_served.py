@@ -1,4 +1,4 @@
-"""Downloads served from the in-memory facts cache (storage/served.py, issue 16): a file
+"""Downloads served from the in-memory facts cache (storage/domain/served.py, issue 16): a file
 is never served after any process acknowledged its DELETE.
 
 Two apps on one prefix and one store stand for two processes of one element: each has

@@ -1,5 +1,5 @@
-"""Pure unit tests for storage.ranges, storage.httputil (validators, dates, filenames)
-and storage.digests."""
+"""Pure unit tests for storage.web.ranges, storage.web.httputil (validators, dates, filenames)
+and storage.web.digests."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def test_document_is_valid_openapi_3_1():
 
 def test_committed_json_is_current():
     assert openapi.JSON_PATH.read_text(encoding="utf-8") == openapi.render_file(), \
-        "storage/openapi.json is stale: run `python -m storage.web.openapi`"
+        "storage/web/openapi.json is stale: run `python -m storage.web.openapi`"
 
 
 def test_every_route_is_documented():

@@ -1,4 +1,4 @@
-"""Errors of aiohttp's HTTP parser are problem+json too (storage/protocol.py), over raw
+"""Errors of aiohttp's HTTP parser are problem+json too (storage/web/protocol.py), over raw
 sockets, against the app as the test client serves it and as ``python run.py`` does."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ async def test_a_long_header_below_the_limit_still_reaches_the_app(client, auth)
 
 def test_python_run_py_answers_framing_errors_as_problem_json(server_env, server_factory,
                                                               token):
-    """The real process (storage/lifecycle.py's runner), not only the test client."""
+    """The real process (storage/cli/lifecycle.py's runner), not only the test client."""
     server = server_factory(server_env)
 
     async def probe():

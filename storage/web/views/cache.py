@@ -1,6 +1,6 @@
 """``/api/v1/cache/*`` (reference §7.4) and ``/api/v1/gc/*`` (§8.3): service accounts only,
 in every mode; a GC delete also needs a role other than ``readonly``.  The work is in
-:mod:`storage.cache` and :func:`storage.files.delete`."""
+:mod:`storage.domain.cache` and :func:`storage.domain.files.delete`."""
 
 from __future__ import annotations
 

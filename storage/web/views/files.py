@@ -24,7 +24,7 @@ MAX_SKIP = 2**63 - 1  # PostgreSQL's OFFSET is a bigint
 
 def require_mode(el: Element, action: str) -> None:
     """The artStore mode matrix against this process's view of the mode (the change is
-    checked again where it commits, see :func:`storage.modes.require`)."""
+    checked again where it commits, see :func:`storage.domain.modes.require`)."""
     modes.require(action, el.runtime.mode)
 
 

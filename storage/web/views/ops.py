@@ -68,7 +68,7 @@ async def info(request: web.Request) -> web.Response:
 
 @gate(Access.PUBLIC)
 async def capacity_view(request: web.Request) -> web.Response:
-    """What the ingester polls (reference §8.2); see storage/capacity.py for the numbers."""
+    """What the ingester polls (reference §8.2); see storage/domain/capacity.py for the numbers."""
     el = element(request)
     cap = await capacity.snapshot(el)
     request.app[metrics_key].set_capacity(cap)

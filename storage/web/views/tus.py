@@ -1,4 +1,4 @@
-"""``/api/v1/uploads``: resumable uploads over tus 1.0.0 (the domain: storage/resumable.py).
+"""``/api/v1/uploads``: resumable uploads over tus 1.0.0 (the domain: storage/domain/resumable.py).
 
 ``OPTIONS`` (discovery, no token), ``POST`` (creation, creation-with-upload,
 creation-defer-length), ``HEAD`` (offset), ``PATCH`` (append; checksum), ``DELETE``
