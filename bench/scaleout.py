@@ -36,7 +36,7 @@ from bench import load as L
 from bench.pgstat import Cluster, commits
 from bench.plan import SCALEOUT_PG_MS
 from bench.procstat import read_cpu_seconds
-from bench.servers import REPO_ROOT, ServerProcess, can_pin, free_port
+from bench.servers import REPO_ROOT, ServerProcess, free_port
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 
@@ -164,7 +164,9 @@ async def run_scaleout(args: argparse.Namespace, workdir: Path) -> tuple[list[Ru
     from storage.auth.devkeys import ensure_dev_keys, mint_token
     from storage.db.embedded import EmbeddedPostgres
 
-    pin = can_pin() and not args.no_pin
+    # the machine's CPUs, not this process's affinity: python -m bench has already pinned
+    # itself to the client CPU when it gets here
+    pin = not args.no_pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
     server_cpus = {SERVER_CPU} if pin else None
     notes: list[str] = []
     pg = EmbeddedPostgres(workdir)

@@ -227,6 +227,20 @@ steps = [
                    pg_advisory_unlock_shared(hashtext('<prefix>_writes'));
         $$;
 
+        -- The WAL entry of a change committed, and its locks released (at commit).
+        CREATE FUNCTION <prefix>_end_change(
+            p_txid uuid, p_file_id uuid, p_result jsonb, p_at timestamptz) RETURNS void
+        LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            UPDATE <prefix>_wal SET
+                status = 'committed',
+                operation_data = operation_data || jsonb_build_object('result', p_result),
+                completed_at = p_at,
+                duration_ms = (extract(epoch FROM (p_at - started_at)) * 1000)::integer
+            WHERE transaction_id = p_txid AND status = 'pending';
+            PERFORM <prefix>_release_change(p_file_id);
+        END $$;
+
         CREATE FUNCTION <prefix>_end_update(
             p_txid uuid, p_file_id uuid, p_description text, p_version text,
             p_metadata jsonb, p_replace boolean, p_updated_at timestamptz, p_ttl integer,
@@ -244,13 +258,7 @@ steps = [
                     cache_ttl_hours = p_ttl
                 WHERE file_id = p_file_id
                 RETURNING *;
-            UPDATE <prefix>_wal SET
-                status = 'committed',
-                operation_data = operation_data || jsonb_build_object('result', p_result),
-                completed_at = p_at,
-                duration_ms = (extract(epoch FROM (p_at - started_at)) * 1000)::integer
-            WHERE transaction_id = p_txid AND status = 'pending';
-            PERFORM <prefix>_release_change(p_file_id);
+            PERFORM <prefix>_end_change(p_txid, p_file_id, p_result, p_at);
         END $$;
 
         CREATE FUNCTION <prefix>_end_delete(
@@ -261,13 +269,7 @@ steps = [
         BEGIN
             DELETE FROM <prefix>_files WHERE file_id = p_file_id;
             found_row := FOUND;
-            UPDATE <prefix>_wal SET
-                status = 'committed',
-                operation_data = operation_data || jsonb_build_object('result', p_result),
-                completed_at = p_at,
-                duration_ms = (extract(epoch FROM (p_at - started_at)) * 1000)::integer
-            WHERE transaction_id = p_txid AND status = 'pending';
-            PERFORM <prefix>_release_change(p_file_id);
+            PERFORM <prefix>_end_change(p_txid, p_file_id, p_result, p_at);
             RETURN found_row;
         END $$;
 
@@ -308,6 +310,7 @@ steps = [
         DROP FUNCTION <prefix>_end_delete(uuid, uuid, jsonb, timestamptz);
         DROP FUNCTION <prefix>_end_update(uuid, uuid, text, text, jsonb, boolean, timestamptz,
                                           integer, jsonb, timestamptz);
+        DROP FUNCTION <prefix>_end_change(uuid, uuid, jsonb, timestamptz);
         DROP FUNCTION <prefix>_release_change(uuid);
         DROP FUNCTION <prefix>_begin_change(uuid, text, uuid, jsonb, text, timestamptz, text[],
                                             text);

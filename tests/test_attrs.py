@@ -492,7 +492,7 @@ json_values = st.recursive(
     max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.dictionaries(st.text(max_size=10), json_values, min_size=1, max_size=6))
 def test_indent2_is_json_dumps_indent_2_byte_for_byte(doc):
     assert indent2(doc) == json.dumps(doc, indent=2, ensure_ascii=False)
@@ -505,7 +505,7 @@ def test_serialize_equals_dumps_of_the_checked_document():
     assert dumps(doc) == doc.serialize()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.text(min_size=1, max_size=400), st.text(max_size=600), st.text(max_size=60))
 def test_a_document_said_to_fit_always_fits(name, description, username):
     from storage.domain import attrmeta

@@ -262,12 +262,16 @@ async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
     :raises Conflict: the id (or the storage name) is taken.
     :raises BadRequest: the element left the upload modes while the body was streaming
         (the same answer as for an upload that starts in that mode).
-    :raises Abandoned: recovery resolved the intent meanwhile (it removed the files).
-    In every case nothing was committed.
+    :raises Abandoned: recovery resolved the intent meanwhile and removed the files.
+    In every case nothing was committed.  (An upload that ran so long that recovery in
+    another process found it complete and inserted its row itself has succeeded.)
     """
     result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
               "file_size": meta.file_size}
     done = await el.commits.finish(meta, txid, result)
+    if done.status == "gone" and (row := await repo.get_file(el.db, meta.file_id)) is not None \
+            and row.storage_filename == meta.storage_filename:
+        return row  # recovery elsewhere found this very upload complete and finished it
     if done.status == "exists":
         raise Conflict(f"File with ID {meta.file_id} already exists")
     if done.status == "mode":

@@ -20,7 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 from cache_helpers import check_store, connect
-from helpers import upload, wal_outcomes
+from helpers import config_of, stored_objects, upload, wal_outcomes
 
 from storage.backends.fsutil import DirSync
 from storage.db import repo
@@ -428,3 +428,59 @@ async def test_kill_with_a_batch_half_done(server_env, server_factory, pg_dsn, t
     if fault.startswith("commit.after_batch"):  # committed, never answered: kept
         assert set(rows) - set(acked)
     assert restarted.stop() == 0
+
+
+@pytest.mark.parametrize("seen", ["complete", "incomplete"])
+async def test_recovery_elsewhere_resolving_an_intent_before_its_finish(pair_of_apps, auth,
+                                                                       pg_dsn, seen):
+    """The race of issue 19: recovery in another process resolves an upload's intent
+    between the upload's file commit and its finish.  Seen complete, recovery inserts the
+    row itself: the upload has succeeded (201, one row).  Seen incomplete (it looked
+    before the files were in place), recovery removes the files and rolls the intent
+    back: the finish must not insert a row for files that are gone (503, nothing left)."""
+    from storage import recovery, repo_cache
+
+    client, other = pair_of_apps
+    el, el2 = client.app[element_key], other.app[element_key]
+    real_finish = el.commits.finish
+
+    async def finish_after_recovery(meta, txid, result):
+        if seen == "incomplete":  # what recovery saw when it read the directory
+            attr = config_of(client).storage_local_base_path / (meta.relative_path
+                                                                + ".attr.json")
+            attr.unlink()
+        pending = await repo_cache.pending_page(
+            el2.db.pool, el2.db.q, before=utcnow().replace(year=2100),
+            after=(utcnow().replace(year=2000), uuid.UUID(int=0)), limit=10)
+        (wal,) = [w for w in pending if w.transaction_id == txid]
+        report = recovery.Report("shared")
+        await recovery.resolve(el2, wal, report)  # the other process's recovery, for real
+        assert (report.completed, report.rolled_back) == (
+            (1, 0) if seen == "complete" else (0, 1)), report.actions
+        return await real_finish(meta, txid, result)
+
+    el.commits.finish = finish_after_recovery
+    fid = uuid.uuid4()
+    resp = await client.put(f"/api/v1/files/{fid}", data=b"z" * 5000, headers=auth())
+    el.commits.finish = real_finish
+    if seen == "complete":
+        assert resp.status == 201
+        got = await client.get(f"/api/v1/files/{fid}/download", headers=auth())
+        assert got.status == 200 and await got.read() == b"z" * 5000
+        assert await wal_outcomes(pg_dsn, config_of(client)) == [("committed", 0)]
+    else:
+        assert resp.status == 503
+        assert (await resp.json())["type"].endswith(":upload_abandoned")
+        assert (await client.get(f"/api/v1/files/{fid}", headers=auth())).status == 404
+        assert await stored_objects(config_of(client)) == []
+        assert await wal_outcomes(pg_dsn, config_of(client)) == [("rolled_back", 0)]
+
+
+@pytest.fixture
+async def pair_of_apps(aiohttp_client, make_config):
+    """Two apps (processes) of one element: one prefix, one store."""
+    from storage.app import make_app
+
+    first = make_config()
+    return (await aiohttp_client(make_app(first)),
+            await aiohttp_client(make_app(first.with_())))
