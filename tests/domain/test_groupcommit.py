@@ -438,7 +438,8 @@ async def test_recovery_elsewhere_resolving_an_intent_before_its_finish(pair_of_
     row itself: the upload has succeeded (201, one row).  Seen incomplete (it looked
     before the files were in place), recovery removes the files and rolls the intent
     back: the finish must not insert a row for files that are gone (503, nothing left)."""
-    from storage import recovery, repo_cache
+    from storage.db import repo_cache
+    from storage.domain import recovery
 
     client, other = pair_of_apps
     el, el2 = client.app[element_key], other.app[element_key]
@@ -479,7 +480,7 @@ async def test_recovery_elsewhere_resolving_an_intent_before_its_finish(pair_of_
 @pytest.fixture
 async def pair_of_apps(aiohttp_client, make_config):
     """Two apps (processes) of one element: one prefix, one store."""
-    from storage.app import make_app
+    from storage.web.app import make_app
 
     first = make_config()
     return (await aiohttp_client(make_app(first)),
