@@ -1,5 +1,9 @@
 """Resumable uploads (tus 1.0.0, issue 17): create, append, complete, terminate, expire.
 
+This module has the protocol, the requests and recovery's entry points; the lease is
+:mod:`storage.domain.resumable_lease`, the steps taken under it (stage a body, complete,
+remove) :mod:`storage.domain.resumable_steps`.
+
 **State** lives in PostgreSQL, one row of ``<prefix>_uploads`` per upload
 (:mod:`storage.db.repo_uploads`): offset, length (or deferred), the metadata, the
 creator, the final names, the backend's staging bookkeeping, the sliding expiry.

@@ -1,5 +1,5 @@
 """The lease on a resumable upload's row: one PATCH at a time across processes and hosts
-(see :mod:`storage.domain.resumable`)."""
+(see :mod:`storage.domain.resumable`); and who may see an upload (its creator, an admin)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The steps of a resumable upload, each under the upload's lease: stage a body and move
-the offset, complete (the commit protocol of every upload), remove; and the recovery
-passes' :func:`resolve` and :func:`sweep`.  The protocol: :mod:`storage.domain.resumable`.
+"""The steps of a resumable upload, each taken under the upload's lease: stage a body and
+move the offset, complete (the commit protocol of every upload), remove.  Called by the
+requests and by recovery's resolver in :mod:`storage.domain.resumable`, which describes
+the protocol.
 """
 
 from __future__ import annotations
