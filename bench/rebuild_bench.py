@@ -11,7 +11,7 @@
 
 Without ``--dsn`` an embedded PostgreSQL is started under the working directory.
 The generator (:func:`make_meta`, :func:`plant_many`) is shared with
-tests/test_cache_api.py, which compares the rebuilt rows with it column by column.
+tests/domain/test_cache_api.py, which compares the rebuilt rows with it column by column.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from storage import attrmeta, attrs, naming
+from storage import attrs
+from storage.domain import attrmeta, naming
 from storage.models import FileMeta
 
 BASE = datetime(2026, 3, 1, tzinfo=UTC)
@@ -100,8 +101,10 @@ def _rss_kib() -> int:
 
 
 async def _rebuild(root: Path, dsn: str, prefix: str, count: int) -> dict:
-    from storage import cache, migrate, ops
+    from storage.cli import ops
     from storage.config import Config
+    from storage.db import migrate
+    from storage.domain import cache
 
     config = Config(database_url=dsn, table_prefix=prefix, storage_local_base_path=root,
                     app_mode="edit")
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     embedded = None
     dsn = args.dsn
     if not dsn:
-        from storage.embedded import EmbeddedPostgres
+        from storage.db.embedded import EmbeddedPostgres
 
         embedded = EmbeddedPostgres(work / "data")
         dsn = embedded.start()

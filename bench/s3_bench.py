@@ -76,7 +76,7 @@ def seaweedfs(workdir: Path) -> Iterator[s3server.S3Endpoint]:
 
 
 def start_postgres(workdir: Path):
-    from storage.embedded import EmbeddedPostgres
+    from storage.db.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(workdir)
     return pg, pg.start()
@@ -212,7 +212,7 @@ async def big_upload(session: aiohttp.ClientSession, target: L.Target, source: L
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from storage.devkeys import ensure_dev_keys, mint_token
+    from storage.auth.devkeys import ensure_dev_keys, mint_token
 
     private, public = ensure_dev_keys(workdir / "keys")
     token = mint_token(private.read_bytes(), role="admin", token_type="service_account",

@@ -161,8 +161,8 @@ def render(runs: list[Run], args: argparse.Namespace, notes: list[str]) -> str:
 
 async def run_scaleout(args: argparse.Namespace, workdir: Path) -> tuple[list[Run], list[str]]:
     """Start the cluster and the elements of every build, run, stop; (runs, notes)."""
-    from storage.devkeys import ensure_dev_keys, mint_token
-    from storage.embedded import EmbeddedPostgres
+    from storage.auth.devkeys import ensure_dev_keys, mint_token
+    from storage.db.embedded import EmbeddedPostgres
 
     # the machine's CPUs, not this process's affinity: python -m bench has already pinned
     # itself to the client CPU when it gets here

@@ -8,7 +8,7 @@ Loads ``--rows`` realistic rows (bench/search_gen.py) through the repository lay
 into ``<prefix>_files`` of a freshly migrated prefix (default ``sbench``; a prefix that
 already holds rows is rolled back and migrated again, i.e. its tables are DROPPED,
 unless ``--reuse`` finds exactly ``--rows`` rows), runs ``VACUUM (ANALYZE)``, then times each query
-as the endpoint runs it (``storage.search.run``: page + cursor + total, then the JSON
+as the endpoint runs it (``storage.domain.search.run``: page + cursor + total, then the JSON
 response body) under concurrency 1 and 8, and prints a Markdown table with the index
 each query's page statement uses (from ``EXPLAIN (ANALYZE, BUFFERS)``).  ``--out``
 writes the report to a file.  Not a timed test: run it by hand.
@@ -32,9 +32,10 @@ from typing import Any
 from multidict import MultiDict
 
 from bench import search_gen
-from storage import migrate, repo_search, search, search_sql
-from storage.db import Db, close_db, open_db
-from storage.embedded import EmbeddedPostgres
+from storage.db import migrate, repo_search, search_sql
+from storage.db.embedded import EmbeddedPostgres
+from storage.db.pool import Db, close_db, open_db
+from storage.domain import search, search_query
 
 TARGET_P99_MS = 20.0
 
@@ -53,9 +54,10 @@ def cases(seed: int, end: datetime) -> list[Case]:
     mid = start + (end - start) / 2
     user = vocab.users[4][1]
     project = vocab.projects[25]
-    deep = search.encode_cursor(search.SORTS["-created_at"], mid, uuid.UUID(int=2**128 - 1))
-    by_name = search.encode_cursor(search.SORTS["original_filename"], "minutes",
-                                   uuid.UUID(int=0))
+    deep = search_query.encode_cursor(search_sql.SORTS["-created_at"], mid,
+                                      uuid.UUID(int=2**128 - 1))
+    by_name = search_query.encode_cursor(search_sql.SORTS["original_filename"], "minutes",
+                                         uuid.UUID(int=0))
     return [
         Case("list", "no filter (newest first, the default sort)", {}),
         Case("text", f"q={project} (a project name), newest first", {"q": project}),
@@ -90,8 +92,8 @@ def cases(seed: int, end: datetime) -> list[Case]:
     ]
 
 
-async def statements_only(db: Db, p: search.SearchParams) -> None:
-    """What :func:`storage.search.run` asks of PostgreSQL, rows left undecoded.
+async def statements_only(db: Db, p: search_sql.SearchParams) -> None:
+    """What :func:`storage.domain.search.run` asks of PostgreSQL, rows left undecoded.
 
     Mirrors ``run``: the page (its row count read from the command status), then the
     same choice of total (none, the file counter, or estimate + capped count).
@@ -124,7 +126,7 @@ async def time_case(db: Db, case: Case, concurrency: int, requests: int,
     level "endpoint": ``search.run`` and the JSON body, as the handler does;
     level "db": :func:`statements_only`.
     """
-    params = search.parse_params(MultiDict(case.params))
+    params = search_query.parse_params(MultiDict(case.params))
     samples: list[float] = []
 
     async def endpoint() -> None:
@@ -178,7 +180,7 @@ async def _plan(db: Db, statement: tuple[str, list[Any]]) -> dict[str, Any]:
 async def explain(db: Db, case: Case) -> dict[str, Any]:
     """The page statement's plan, and how the total was found (and its plan)."""
     prefix = db.q.prefix
-    params = search.parse_params(MultiDict(case.params))
+    params = search_query.parse_params(MultiDict(case.params))
     page = await _plan(db, search_sql.page_statement(prefix, params))
     result = await search.run(db, params)
     if params.cursor is None and result.next_cursor is None:
@@ -260,7 +262,7 @@ def render(prefix: str, rows: int, load_s: float, results: list[dict[str, Any]],
         "one Python process sharing a pool of 8 connections. p50 / p99 in ms; target: p99 < "
         f"{TARGET_P99_MS:.0f} ms.",
         "",
-        "- **endpoint**: `storage.search.run` (page of up to 100 files as JSON text "
+        "- **endpoint**: `storage.domain.search.run` (page of up to 100 files as JSON text "
         "rendered by PostgreSQL, next_cursor, total) and the response body, as the "
         "handler does.",
         "- **db**: the same statements with the rows left undecoded: what PostgreSQL "

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from storage import repo_search
-from storage.db import Db
+from storage.db import repo_search
+from storage.db.pool import Db
 from storage.models import FileMeta
 
 YEARS = 3

@@ -20,7 +20,7 @@ The document (see storage/search.py for the query side, which must tokenise the 
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0001.initial"}
 

@@ -5,7 +5,7 @@ Touches only its own table, so it applies the same with or without 0002.
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0001.initial"}
 

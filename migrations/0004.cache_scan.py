@@ -9,7 +9,7 @@ needs to survive a crash.  Touches only its own table, so it applies with or wit
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0001.initial"}
 

@@ -11,7 +11,7 @@ saw so a refusal can say why.
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0001.initial"}
 

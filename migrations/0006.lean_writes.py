@@ -18,7 +18,7 @@ Together: PostgreSQL CPU per upload 1.13 -> 0.78 ms.
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0002.search"}
 

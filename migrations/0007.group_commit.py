@@ -23,7 +23,7 @@
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0005.reserve", "0006.lean_writes"}
 

@@ -14,7 +14,7 @@ A finished upload keeps its row (``completed_at``) until it expires, so a client
 
 from yoyo import step  # noqa: F401  (yoyo inspects the module namespace)
 
-from storage.migrate import ddl
+from storage.db.migrate import ddl
 
 __depends__ = {"0006.lean_writes"}
 

@@ -263,7 +263,7 @@ DELETE FROM <prefix>_files
 WHERE file_id = $1 AND cache_updated_at + make_interval(hours => cache_ttl_hours) < now()
 RETURNING file_id;
 
--- Advisory locks (one 64-bit key per prefix and purpose, see storage/locks.py).
+-- Advisory locks (one 64-bit key per prefix and purpose, see storage/db/locks.py).
 
 -- name: lock_try
 -- $1 key

@@ -1,4 +1,4 @@
--- WAL crash recovery (storage/recovery.py) and maintenance that needs a row lock.
+-- WAL crash recovery (storage/domain/recovery.py) and maintenance that needs a row lock.
 
 -- name: lock_file_nowait
 -- $1 file_id: the file's lock and the row, locked for the transaction; fails at once

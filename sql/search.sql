@@ -1,15 +1,15 @@
--- Search and listing building blocks (issue 7), composed by storage/search.py.
+-- Search and listing building blocks (issue 7), composed by storage/db/search_sql.py.
 --
 -- These are FRAGMENTS, not statements: each block starts with "-- fragment: <name>"
--- (not "-- name:"), so storage/sql.py's statement loader, and the test that prepares
+-- (not "-- name:"), so storage/db/sql.py's statement loader, and the test that prepares
 -- every statement, never see them.  Do not add "-- name:" blocks to this file.
 --
--- Trust boundary: this file is the whole vocabulary of search SQL.  storage/search.py
+-- Trust boundary: this file is the whole vocabulary of search SQL.  storage/db/search_sql.py
 -- only picks fragments by fixed names and joins them with " AND " / " OR "; request
 -- text is never spliced in.  Inside a fragment:
---   <prefix>   the validated table prefix (rendered by storage.sql.render)
+--   <prefix>   the validated table prefix (rendered by storage.db.sql.render)
 --   {tsquery}  the text of the "tsquery" fragment, included when the file is loaded
---   {select} {where} {order}  filled with other fragments by storage/search.py
+--   {select} {where} {order}  filled with other fragments by storage/db/search_sql.py
 --   :name      a value, bound as $n; the same name and value share one $n
 --              (so ORDER BY ts_rank(...) is the select-list expression, computed once)
 -- The query text reaching :q is already normalised the way the stored document is
@@ -130,7 +130,7 @@ created_at >= :created_after::timestamptz
 created_at < :created_before::timestamptz
 
 -- fragment: where_metadata
--- :metadata is a jsonpath VALUE built by storage/search.py from JSON-escaped literals,
+-- :metadata is a jsonpath VALUE built by storage/db/search_sql.py from JSON-escaped literals,
 -- e.g. $."year" == "2024" || $."year" == 2024 (lax mode: an array matches by element);
 -- served by the jsonb_path_ops GIN index idx_<prefix>_files_metadata_path
 metadata_json @@ :metadata::jsonpath

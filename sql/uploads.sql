@@ -1,4 +1,4 @@
--- Resumable (tus) uploads: storage/repo_uploads.py, storage/resumable.py.
+-- Resumable (tus) uploads: storage/db/repo_uploads.py, storage/domain/resumable.py.
 -- Every read returns the row plus its WAL row's status and reservation.
 
 -- name: upload_insert

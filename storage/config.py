@@ -198,7 +198,7 @@ class Config:
     jwt_audience: str | None = env("JWT_AUDIENCE", _opt_str, None)
     # WAL, cache, capacity
     wal_retention_hours: int = env("WAL_RETENTION_HOURS", _int(0), 168)
-    # crash tests only: SIGKILL at this named step (storage/faults.py)
+    # crash tests only: SIGKILL at this named step (storage/domain/faults.py)
     fault_point: str | None = env("STORAGE_FAULT_POINT", _opt_str, None)
     capacity_warning_threshold: float = env("CAPACITY_WARNING_THRESHOLD", _float(), 80.0)
     capacity_critical_threshold: float = env("CAPACITY_CRITICAL_THRESHOLD", _float(), 90.0)

@@ -1,4 +1,5 @@
-"""Plain dataclasses for rows: file metadata, WAL entries, element config."""
+"""Plain dataclasses for rows: file metadata, WAL entries, element config, the download
+facts of a file (:class:`Served`) and the caller (:class:`Identity`)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,35 @@ class ElementState:
     def from_record(cls, rec: Any) -> ElementState:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in dict(rec).items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The immutable download facts of one file (a ``<prefix>_files`` row's subset)."""
+
+    file_id: uuid.UUID
+    relative_path: str
+    file_size: int
+    checksum: str
+    created_at: datetime
+    original_filename: str
+    content_type: str
+    cache_expires_at: datetime  # the row's lazy-refresh deadline (reference §7.2)
+    headers: tuple[tuple[str, str], ...] = ()  # response headers built once from the above
+    cached: bool = False  # True when this came from the in-memory cache
+
+
+ROLES = ("admin", "operator", "user", "readonly")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The authenticated caller, as handlers see it."""
+
+    sub: str
+    name: str
+    role: str  # one of ROLES; unknown upstream roles map to "readonly"
+    token_type: str  # the JWT "type" claim
+    is_service_account: bool
+    jti: str = ""
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

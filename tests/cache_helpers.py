@@ -10,9 +10,10 @@ from typing import Any
 import asyncpg
 from helpers import s3_client, s3_folder, stored_objects, temp_files
 
-from storage import attrmeta, attrs
+from storage import attrs
 from storage.config import Config
-from storage.element import element_key
+from storage.domain import attrmeta
+from storage.domain.element import element_key
 from storage.models import FileMeta
 
 ATTR = ".attr.json"

@@ -24,11 +24,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, settings
 
-from storage.app import make_app
+from storage.auth.devkeys import ensure_dev_keys, mint_token
 from storage.config import Config
-from storage.devkeys import ensure_dev_keys, mint_token
-from storage.embedded import EmbeddedPostgres
-from storage.protocol import Runner
+from storage.db.embedded import EmbeddedPostgres
+from storage.web.app import make_app
+from storage.web.protocol import Runner
 
 # Property-based tests (hypothesis): a moderate, reproducible number of examples in the
 # suite; HYPOTHESIS_PROFILE=explore searches wider (and differently on every run).  A
@@ -169,7 +169,7 @@ def auth(token) -> Callable[..., dict[str, str]]:
 
 class AppServer(TestServer):
     """aiohttp's test server with the element's runner, as ``python run.py`` serves:
-    aiohttp's own HTTP errors are problem+json too (storage/protocol.py)."""
+    aiohttp's own HTTP errors are problem+json too (storage/web/protocol.py)."""
 
     async def _make_runner(self, **kwargs) -> Runner:
         return Runner(self.app, **kwargs)

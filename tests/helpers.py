@@ -17,10 +17,10 @@ from aiobotocore.session import AioSession
 from aiohttp import FormData
 from botocore.config import Config as BotoConfig
 
-from storage.appkeys import config_key
 from storage.backends import make_backend
 from storage.backends.base import Backend
 from storage.config import Config
+from storage.domain.element import config_key
 
 _SESSION = AioSession()  # caches the parsed S3 model: a client per helper call is cheap
 # Runs a test on local disk and on S3 (SeaweedFS); see the storage_kind fixture.

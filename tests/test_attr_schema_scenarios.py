@@ -14,7 +14,9 @@ from pathlib import Path
 from cache_helpers import ATTR, LOSSLESS, attr_files, check_store, connect, plant, rows
 from helpers import upload
 
-from storage import attrmeta, attrs, naming, ops
+from storage import attrs
+from storage.cli import ops
+from storage.domain import attrmeta, naming
 from storage.models import FileMeta, utcnow
 
 

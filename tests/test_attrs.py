@@ -508,11 +508,10 @@ def test_serialize_equals_dumps_of_the_checked_document():
 @settings(deadline=None)
 @given(st.text(min_size=1, max_size=400), st.text(max_size=600), st.text(max_size=60))
 def test_a_document_said_to_fit_always_fits(name, description, username):
-    from storage import attrmeta
-    from storage.access import Identity
-    from storage.models import utcnow
-    from storage.naming import NamingError
-    from storage.uploads import UploadSpec, attr_surely_fits, build_meta
+    from storage.domain import attrmeta
+    from storage.domain.naming import NamingError
+    from storage.domain.uploads import UploadSpec, attr_surely_fits, build_meta
+    from storage.models import Identity, utcnow
 
     who = Identity(sub="s" * 30, name=username, role="user", token_type="user",
                    is_service_account=False)
@@ -535,7 +534,7 @@ def test_a_document_said_to_fit_always_fits(name, description, username):
 
 
 def test_the_fixed_part_of_a_document_is_within_its_allowance():
-    from storage.uploads import ATTR_FIXED_PART
+    from storage.domain.uploads import ATTR_FIXED_PART
 
     empty = AttrDoc(**fields(original_filename="a", storage_filename="a",
                              content_type="", created_by_id="", created_by_username="",

@@ -1,4 +1,5 @@
-"""The README test command also lints: ruff with the DTZ rules over the whole tree."""
+"""The README test command also lints: ruff with the DTZ rules over the whole tree, and the
+package's layering with import-linter (the contracts in setup.cfg, ``[importlinter]``)."""
 
 import ast
 import re
@@ -15,6 +16,17 @@ def test_ruff_is_clean():
     proc = subprocess.run([ruff, "check", "storage", "tests", "bench", "run.py", "migrations"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_imports_keep_the_layers():
+    """cli > web > auth | observability > domain > db | backends > the shared leaves: no
+    import points up, none between siblings on one level, and no cycle anywhere."""
+    lint = shutil.which("lint-imports")
+    assert lint, "import-linter is part of the test extra: pip install -e '.[test]'"
+    proc = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout, proc.stdout
 
 
 # SQL in a Python string literal (f-strings and implicitly joined literals included,

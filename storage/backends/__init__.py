@@ -1,13 +1,15 @@
-"""Storage backends behind one seam: local disk and S3."""
+"""Storage backends behind one seam (:mod:`.base`): local disk and S3; and the staging
+of resumable uploads behind another (:mod:`.staging`)."""
 
 from __future__ import annotations
 
 from ..config import Config
 from .base import Backend
+from .staging import Staging
 
 
 def make_backend(config: Config) -> Backend:
-    """The backend chosen by ``STORAGE_TYPE``."""
+    """The backend chosen by ``STORAGE_TYPE`` (S3's client library is imported only then)."""
     if config.storage_type == "s3":
         from .s3 import S3Backend
 
@@ -15,3 +17,14 @@ def make_backend(config: Config) -> Backend:
     from .local import LocalBackend
 
     return LocalBackend(config)
+
+
+def make_staging(backend: Backend) -> Staging:
+    """The staging of ``backend``'s kind."""
+    if backend.name == "s3":
+        from .staging_s3 import S3Staging
+
+        return S3Staging(backend)  # type: ignore[arg-type]
+    from .staging_local import LocalStaging
+
+    return LocalStaging(backend)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 A resumable upload's bytes arrive over many requests, possibly in different processes,
 and must survive a crash once acknowledged; they become an ordinary file (data and attr
 document at the final relpath, atomically) only when complete.  :class:`Staging` is
-that life cycle; :func:`make_staging` picks the backend's:
+that life cycle; :func:`storage.backends.make_staging` picks the backend's:
 
 - local disk (:mod:`.staging_local`): one file per upload under ``<root>/.resumable/``
   (a dot-directory: the attr walkers skip it, the ``.tmp*`` sweep never matches it),
@@ -11,7 +11,7 @@ that life cycle; :func:`make_staging` picks the backend's:
 - S3 (:mod:`.staging_s3`): part-sized chunk objects plus a tail object in the bucket,
   assembled server-side (``UploadPartCopy``) at the end.
 
-The upload's row (:class:`~storage.repo_uploads.ResumableUpload`) is the truth: its
+The upload's row (:class:`~storage.db.repo_uploads.ResumableUpload`) is the truth: its
 ``upload_offset`` counts the bytes a session flushed *and* the database recorded, and
 its ``staging`` holds the backend's bookkeeping.  Anything staged past that offset (a
 PATCH that died before its commit, a refused checksum) is ignored and overwritten.
@@ -83,13 +83,3 @@ class Staging(abc.ABC):
     @abc.abstractmethod
     async def staged_ids(self) -> list[uuid.UUID]:
         """Ids of the uploads that have staged bytes (for the orphan sweep)."""
-
-
-def make_staging(backend: Backend) -> Staging:
-    if backend.name == "s3":
-        from .staging_s3 import S3Staging
-
-        return S3Staging(backend)  # type: ignore[arg-type]
-    from .staging_local import LocalStaging
-
-    return LocalStaging(backend)  # type: ignore[arg-type]

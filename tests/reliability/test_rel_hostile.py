@@ -1,13 +1,13 @@
 """Hostile input (S1-S30) against the real process, over raw sockets.
 
 Every case must get a 4xx with a problem+json ``detail`` (framing errors too: aiohttp's
-HTTP parser answers them before any application code, through storage/protocol.py),
+HTTP parser answers them before any application code, through storage/web/protocol.py),
 never a 500 and never a hang; after all of
 them the server is the same process, ready, and the invariant check finds no residue:
 no file, row, temp file or reservation left by a refused request, the files that exist
 unchanged byte for byte and metadata for metadata.
 
-Most rules also have in-process tests (tests/test_upload.py, test_files_api.py,
+Most rules also have in-process tests (tests/domain/test_upload.py, test_files_api.py,
 test_auth.py); these run through the real parser, the real socket and the real process,
 and add what only shows there: framing, header limits, Expect: 100-continue, symlinks
 planted in the storage tree, and a seeded mutation fuzzer.

@@ -46,7 +46,7 @@ from relmodel import (
     sha_of,
 )
 
-from storage.embedded import EmbeddedPostgres
+from storage.db.embedded import EmbeddedPostgres
 
 SCENARIO = "PostgreSQL stop/kill -9 mid-traffic"
 WORKERS = 10

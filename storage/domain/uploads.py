@@ -1,0 +1,299 @@
+"""Creating a file: WAL intent → stream to a temp object while hashing → commit →
+attr document → metadata row + WAL commit.  Any failure leaves nothing visible.
+
+The WAL intent row doubles as the capacity reservation
+(:mod:`storage.domain.reservations`); a crash frees it when recovery resolves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .. import attrs
+from ..backends.base import Writer
+from ..db import repo
+from ..errors import (
+    BadRequest,
+    ClientGone,
+    Conflict,
+    InsufficientStorage,
+    StorageError,
+)
+from ..models import FileMeta, Identity, utcnow
+from . import attrmeta, faults, naming, reservations
+from .element import Element
+
+log = logging.getLogger(__name__)
+# A piece up to this size is held back: if it is the body's last, the writer may hash it on
+# the loop and write it together with the commit (a small upload: one executor hop).
+DEFER_MAX = 64 * 1024
+
+
+@dataclass(slots=True)
+class UploadSpec:
+    """What the client asked to store (everything but the bytes)."""
+
+    original_filename: str
+    content_type: str = "application/octet-stream"
+    file_id: uuid.UUID | None = None
+    description: str | None = None
+    version: str | None = None
+    metadata: dict[str, Any] | None = None
+    declared_size: int | None = None  # exact size when known (raw body Content-Length)
+    size_bound: int | None = None  # an upper bound (multipart body Content-Length)
+    digests: dict[str, bytes] = field(default_factory=dict)
+
+
+def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetime) -> FileMeta:
+    try:
+        storage_filename = naming.storage_filename(spec.original_filename, who.name, now, file_id)
+    except naming.NamingError as exc:
+        raise BadRequest(str(exc)) from None
+    return FileMeta(
+        file_id=file_id, original_filename=spec.original_filename,
+        storage_filename=storage_filename, file_size=0, content_type=spec.content_type,
+        created_at=now, updated_at=now, created_by_id=who.sub,
+        created_by_username=who.name, storage_path=naming.storage_path(now),
+        checksum="0" * 64, description=spec.description, version=spec.version,
+        metadata_json=spec.metadata, cache_updated_at=now,
+    )
+
+
+def attr_document(meta: FileMeta, extra: dict[str, Any] | None = None) -> bytes:
+    """The attr.json bytes for ``meta``; :raises BadRequest: when over 4096 bytes."""
+    try:
+        doc = attrmeta.to_doc(meta, extra)
+        data = doc.serialize()  # validated as it was built
+        if len(data) > attrs.MAX_ATTR_SIZE:
+            attrs.check_size(doc)  # raises, naming the field that contributes most
+        return data
+    except attrs.AttrError as exc:
+        raise BadRequest(exc.reason) from None
+
+
+ATTR_FIXED_PART = 1024  # an attr document with every text field empty is shorter
+
+
+def attr_surely_fits(meta: FileMeta) -> bool:
+    """True when ``meta``'s attr document cannot exceed the 4 KiB limit whatever its
+    size and checksum: no metadata, and even at six bytes per character (a JSON escape)
+    the texts fit beside the fixed part.  Saves building the document twice per upload
+    (it is built for real, and checked again, at commit)."""
+    if meta.metadata_json:
+        return False
+    texts = (meta.original_filename, meta.storage_filename, meta.content_type,
+             meta.created_by_id, meta.created_by_username, meta.created_by_fullname,
+             meta.storage_path, meta.description, meta.version)
+    return ATTR_FIXED_PART + 6 * sum(len(t) for t in texts if t) <= attrs.MAX_ATTR_SIZE
+
+
+def _first_reservation(el: Element, spec: UploadSpec) -> tuple[int, int | None]:
+    """Bytes to reserve with the WAL intent, and a smaller fallback if they are refused.
+
+    A raw body's size is exact.  A multipart file is at most its body's length: reserving
+    that covers a small upload whole (reserving the length less the envelope allowance
+    left 0 bytes for a 4 KiB upload, so its first chunk cost another reservation round
+    trip); only if that is refused is the lower bound tried, so a file that fits exactly
+    into the remaining capacity is not refused for its envelope.
+    """
+    cap = reservations.max_file_size(el)
+    if spec.declared_size is not None:
+        return spec.declared_size, None
+    if not spec.size_bound:
+        return 0, None
+    need, lower = min(spec.size_bound, cap), min(reservations.file_size_bound(spec.size_bound), cap)
+    return need, (lower if lower < need else None)
+
+
+async def _stream(el: Element, spec: UploadSpec, txid: uuid.UUID, writer: Writer,
+                  chunks: AsyncIterator[bytes], reserved: int) -> None:
+    """Body → writer, reading the next chunk while the previous one is written."""
+    cap = reservations.max_file_size(el)
+    most = min(cap, spec.size_bound) if spec.size_bound else cap
+    body, received = aiter(chunks), 0
+    in_flight: asyncio.Future | None = None
+    held = bytearray()  # small pieces that may turn out to be the body's end
+    try:
+        while True:
+            # Only the body read means "the client went away": a ConnectionError from
+            # the reservation below is the database (503), not an interrupted upload.
+            try:
+                chunk = await anext(body)
+            except StopAsyncIteration:
+                break
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                raise ClientGone(f"The upload was interrupted: {exc}") from None
+            received += len(chunk)
+            if received > cap:
+                raise reservations.over_limit(el, None)
+            if received > reserved:
+                # A body of known length (multipart) never needs more than that length.
+                reserved = await reservations.grow(el, txid, reserved, received, most)
+            if held or len(chunk) <= DEFER_MAX:
+                held += chunk  # linear however small the pieces come
+                if len(held) <= DEFER_MAX:
+                    continue  # small so far: likely the body's end, see below
+                chunk, held = bytes(held), bytearray()
+            if in_flight is not None:
+                await in_flight  # one write at a time, in order
+            in_flight = asyncio.ensure_future(writer.write(chunk))
+        if in_flight is not None:
+            await in_flight
+            in_flight = None
+        tail = bytes(held)
+        if tail and not writer.defer(tail):
+            await writer.write(tail)  # else it is written by commit, in the same hop
+    finally:
+        if in_flight is not None and not in_flight.done():
+            # never let the writer be aborted under a running write
+            await asyncio.shield(asyncio.wait([in_flight]))
+        if in_flight is not None and in_flight.done() and not in_flight.cancelled():
+            in_flight.exception()  # retrieved: the error that matters is already raised
+    if spec.declared_size is not None and writer.size != spec.declared_size:
+        raise ClientGone(
+            f"Received {writer.size} bytes but Content-Length announced {spec.declared_size}"
+        )
+
+
+def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
+    actual = {"sha256": bytes.fromhex(writer.sha256), "md5": writer.md5}
+    for algo, expected in spec.digests.items():
+        if algo in actual and not hmac.compare_digest(actual[algo], expected):
+            raise BadRequest(
+                f"Checksum mismatch: the body's {algo} does not match the digest the client "
+                "sent; nothing was stored"
+            )
+
+
+async def store(el: Element, spec: UploadSpec, who: Identity,
+                chunks: AsyncIterator[bytes]) -> FileMeta:
+    """Store one upload durably.  Nothing is visible unless this returns."""
+    now = utcnow()
+    file_id = spec.file_id or uuid.uuid4()
+    meta = build_meta(spec, who, file_id, now)
+    if not attr_surely_fits(meta):
+        attr_document(meta)  # 400 up front when the attr file would be too large
+    txid = uuid.uuid4()
+    need, fallback = _first_reservation(el, spec)
+    # The writer touches nothing until its first write, so its temp path can go
+    # into the intent row: recovery then removes exactly that partial file.  A temp
+    # name known only later (an S3 multipart upload) is added before any byte leaves.
+    writer = el.backend.create(meta.relative_path, spec.declared_size,
+                               content_type=meta.content_type)
+    writer.on_temp = functools.partial(repo.set_wal_temp, el.db, txid)
+    intent = {
+        "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
+        "data": {
+            "original_filename": meta.original_filename,
+            "storage_filename": meta.storage_filename, "storage_path": meta.storage_path,
+            "relative_path": meta.relative_path, "content_type": meta.content_type,
+            "temp_path": writer.temp_name,
+        },
+    }
+    try:
+        await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+    except InsufficientStorage:
+        if fallback is None:
+            raise
+        need = fallback  # a nearly full element: reserve no more than the file can be
+        await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
+    await faults.point(el, "upload.after_intent")
+    visible = committing = False
+    try:
+        async with writer:
+            if "md5" in spec.digests:
+                writer.hasher.enable_md5()
+            await _stream(el, spec, txid, writer, chunks, need)
+            await faults.point(el, "upload.after_body")
+            _verify_digests(spec, writer)
+            meta.file_size, meta.checksum = writer.size, writer.sha256
+            # multipart fields that followed the file part
+            meta.description, meta.version = spec.description, spec.version
+            meta.metadata_json = spec.metadata or None  # {} reads back as null
+            # data and attr document in one step: one directory fsync for both
+            await writer.commit(attr_document(meta))
+            visible = True
+        await faults.point(el, "upload.after_files")
+        committing = True
+        meta = await finish(el, meta, txid)
+        committing = False
+        await faults.point(el, "upload.after_commit")
+    except BaseException as exc:
+        if committing and not _commit_refused(exc):
+            # The row may be in: removing the files could leave it without them.
+            log.warning("upload %s: the database commit may or may not have happened "
+                        "(%r); WAL %s left pending for recovery", meta.file_id, exc, txid)
+            raise
+        await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
+        raise
+    return meta
+
+
+def _commit_refused(exc: BaseException) -> bool:
+    """True if the final statement certainly did not commit (the server refused it).
+
+    A lost connection, a timeout or an asyncpg error while releasing the connection
+    leaves the outcome open: the row may be committed (issue 11 saw exactly that
+    when PostgreSQL shut down: the statement committed, the pool's reset failed).
+    """
+    if isinstance(exc, StorageError):
+        return True  # Conflict: the id exists
+    never_connected = (asyncpg.exceptions.CannotConnectNowError,
+                       asyncpg.exceptions.TooManyConnectionsError, OSError)
+    if isinstance(exc, never_connected):
+        return True  # refused while connecting: the statement was never sent
+    ambiguous = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, ambiguous)
+
+
+async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
+    """The row in and the intent committed, in the next group commit.
+
+    :raises Conflict: the id (or the storage name) is taken.
+    :raises BadRequest: the element left the upload modes while the body was streaming
+        (the same answer as for an upload that starts in that mode).
+    :raises Abandoned: recovery resolved the intent meanwhile and removed the files.
+    In every case nothing was committed.  (An upload that ran so long that recovery in
+    another process found it complete and inserted its row itself has succeeded.)
+    """
+    result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
+              "file_size": meta.file_size}
+    done = await el.commits.finish(meta, txid, result)
+    if done.status == "gone" and (row := await repo.get_file(el.db, meta.file_id)) is not None \
+            and row.storage_filename == meta.storage_filename:
+        return row  # recovery elsewhere found this very upload complete and finished it
+    if done.status == "exists":
+        raise Conflict(f"File with ID {meta.file_id} already exists")
+    if done.status == "mode":
+        raise BadRequest(f"File upload not allowed in {done.mode} mode")
+    if done.status == "gone":
+        raise Abandoned("The upload was abandoned by crash recovery while it was running; "
+                        "nothing was stored, send it again", headers={"Retry-After": "1"})
+    return meta
+
+
+class Abandoned(StorageError):
+    """The upload's WAL intent was resolved by recovery before the upload finished."""
+
+    status, code = 503, "upload_abandoned"
+
+
+async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
+                *, remove_data: bool) -> None:
+    reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
+    try:
+        if remove_data:
+            await el.backend.delete(meta.relative_path)
+        await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
+    except Exception:  # recovery will resolve the pending row; never mask the real error
+        log.exception("could not roll back upload %s (WAL %s)", meta.file_id, txid)

@@ -1,0 +1,163 @@
+"""The app factory: ``make_app(config)`` wires resources, middlewares and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..auth.bearer import auth_ctx, auth_middleware
+from ..backends import make_backend
+from ..config import Config
+from ..db import migrate
+from ..db.embedded import EmbeddedPostgres
+from ..db.pool import close_db, open_db
+from ..domain import recovery_passes
+from ..domain.element import (
+    Element,
+    backend_key,
+    config_key,
+    db_key,
+    dsn_key,
+    element_key,
+    runtime_key,
+)
+from ..domain.groupcommit import GroupCommit
+from ..domain.modes import load_persisted_mode, mode_ctx
+from ..domain.runtime import Runtime
+from ..errors import error_middleware
+from ..observability import metrics
+from ..observability.metrics import metrics_key
+from ..observability.tracing import tracing_ctx
+from . import middleware
+from .middleware import cors_middleware, request_middleware
+from .protocol import HANDLER_ARGS
+from .routes import setup_routes
+from .views import tus
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """Startup cannot continue; the message is one line for the operator."""
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Resolve the DSN (starting the embedded PostgreSQL if needed) and migrate the schema."""
+    config = app[config_key]
+    embedded = None
+    dsn = config.dsn
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    app[dsn_key] = dsn
+    try:
+        if config.db_auto_migrate:
+            await asyncio.to_thread(migrate.apply, dsn, config.table_prefix)
+        else:
+            pending = (await asyncio.to_thread(migrate.status, dsn, config.table_prefix)).pending
+            if pending:
+                raise StartupError(
+                    f"database schema for prefix {config.table_prefix!r} is behind "
+                    f"(pending: {', '.join(pending)}); run `python run.py migrate` "
+                    "or set DB_AUTO_MIGRATE=on"
+                )
+        db = await open_db(dsn, config.table_prefix, max_size=config.db_pool_size,
+                           timeout=config.db_pool_timeout)
+        app[db_key] = db
+        log.info("database ready: %s (prefix %s)", "embedded" if embedded else _safe(dsn),
+                 config.table_prefix)
+        yield
+        await close_db(db)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def _safe(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return dsn
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    backend = make_backend(config)
+    await backend.start()
+    app[backend_key] = backend
+    log.info("storage ready: %s at %s", backend.name, backend.location)
+    yield
+    await backend.close()
+
+
+async def element_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[config_key]
+    runtime = Runtime(config)
+    app[runtime_key] = runtime
+    db, backend = app[db_key], app[backend_key]
+    commits = GroupCommit(db, config, backend.free_bytes,
+                          observe=app[metrics_key].group_commit.observe)
+    app[element_key] = Element(config, db, backend, runtime, commits)
+    for hook in app.get(startup_hooks_key, ()):
+        await hook(app)
+    runtime.started = True
+    yield
+    runtime.stopping = True
+    await commits.close()
+
+
+async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (after ``element_ctx``): startup recovery before the port opens,
+    the serve lock for the process lifetime, and the periodic maintenance task."""
+    el = app[element_key]
+    dsn = app[dsn_key]
+    counted = app[metrics_key].count_recovery
+    conn = await recovery_passes.connect(dsn)
+    el.runtime.recovering = True
+    try:
+        report = await recovery_passes.startup(el, conn, serve=True)
+        log.info("startup recovery (%s pass): %s", report.mode, report.summary())
+        counted(report)
+    except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
+        log.exception("startup recovery failed")
+    finally:
+        el.runtime.recovering = False
+    holder = [conn]
+    task = asyncio.create_task(recovery_passes.maintain(el, dsn, holder, counted),
+                               name="wal-maintenance")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await holder[0].close()
+
+
+startup_hooks_key = web.AppKey("startup_hooks", list)
+
+
+def make_app(config: Config) -> web.Application:
+    """Build the application for one element; nothing global is touched."""
+    app = web.Application(
+        middlewares=[error_middleware, request_middleware, cors_middleware, auth_middleware],
+        client_max_size=1024 * 1024,
+        handler_args=HANDLER_ARGS,  # the parser's limits: 414 / 431 (storage/web/protocol.py)
+    )
+    app[config_key] = config
+    app[startup_hooks_key] = [load_persisted_mode]  # the persisted mode first: hooks see it
+    metrics.install(app)
+    middleware.install(app)
+    tus.install(app)
+    app.cleanup_ctx.extend([auth_ctx, database_ctx, storage_ctx, tracing_ctx, element_ctx,
+                            recovery_ctx, mode_ctx])
+    setup_routes(app)
+    return app

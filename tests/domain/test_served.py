@@ -1,0 +1,81 @@
+"""Downloads served from the in-memory facts cache (storage/domain/served.py, issue 16): a file
+is never served after any process acknowledged its DELETE.
+
+Two apps on one prefix and one store stand for two processes of one element: each has
+its own cache, and they share nothing but the database and the storage.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from helpers import BOTH_BACKENDS, sha256, upload
+
+from storage.domain.element import element_key
+from storage.web.app import make_app
+
+
+@pytest.fixture
+async def pair(aiohttp_client, make_config):
+    """Two apps (processes) of one element."""
+    first = make_config()
+    second = first.with_()
+    return (await aiohttp_client(make_app(first)), await aiohttp_client(make_app(second)))
+
+
+def url(fid: str, tail: str = "/download") -> str:
+    return f"/api/v1/files/{fid}{tail}"
+
+
+@BOTH_BACKENDS
+async def test_a_delete_in_another_process_is_never_served(pair, auth):
+    a, b = pair
+    data = os.urandom(10_000)
+    fid = (await upload(a, auth(), data, "x.bin"))["file_id"]
+    for _ in range(2):
+        resp = await a.get(url(fid), headers=auth())
+        assert resp.status == 200 and await resp.read() == data
+    assert a.app[element_key].served.hits >= 1  # the second one came from memory
+    etag = resp.headers["ETag"]
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    # the cache of process A still has the file: GET, HEAD, a conditional GET and a range
+    # all find the data gone and answer from the database
+    for method, extra in (("GET", {}), ("HEAD", {}), ("GET", {"If-None-Match": etag}),
+                          ("GET", {"Range": "bytes=0-9"})):
+        resp = await a.request(method, url(fid), headers={**auth(), **extra})
+        assert resp.status == 404, (method, extra, resp.status)
+    assert (await a.get(url(fid, ""), headers=auth())).status == 404
+
+
+async def test_an_id_deleted_and_uploaded_again_elsewhere_serves_the_new_bytes(pair, auth):
+    a, b = pair
+    fid = str(uuid.uuid4())
+    old, new = b"old bytes" * 100, b"new bytes, longer" * 100
+    assert (await a.put(f"/api/v1/files/{fid}", data=old, headers=auth())).status == 201
+    assert await (await a.get(url(fid), headers=auth())).read() == old
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    assert (await b.put(f"/api/v1/files/{fid}?filename=second.bin", data=new,
+                        headers=auth())).status == 201
+    resp = await a.get(url(fid), headers=auth())
+    assert resp.status == 200 and await resp.read() == new
+    assert resp.headers["ETag"] == f'"{sha256(new)}"'
+    assert "second.bin" in resp.headers["Content-Disposition"]
+
+
+async def test_a_conditional_get_from_memory_is_304_while_the_file_exists(client, auth):
+    fid = (await upload(client, auth(), b"abc", "c.txt"))["file_id"]
+    etag = (await client.get(url(fid), headers=auth())).headers["ETag"]
+    resp = await client.get(url(fid), headers={**auth(), "If-None-Match": etag})
+    assert resp.status == 304
+    assert client.app[element_key].served.hits == 1
+
+
+async def test_the_deleting_process_forgets_at_once(client, auth):
+    fid = (await upload(client, auth(), b"abc", "c.txt"))["file_id"]
+    await client.get(url(fid), headers=auth())
+    el = client.app[element_key]
+    assert len(el.served) == 1
+    assert (await client.delete(url(fid, ""), headers=auth())).status == 204
+    assert len(el.served) == 0
