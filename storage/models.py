@@ -6,11 +6,20 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def from_record(cls: type[R], rec: Any) -> R:
+    """An instance of the dataclass ``cls`` from an asyncpg Record (or mapping): the
+    columns it has a field for, the others ignored."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in dict(rec).items() if k in names})
 
 
 @dataclass(slots=True)
@@ -37,8 +46,7 @@ class FileMeta:
 
     @classmethod
     def from_record(cls, rec: Any) -> FileMeta:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+        return from_record(cls, rec)
 
     @property
     def relative_path(self) -> str:
@@ -90,8 +98,7 @@ class WalEntry:
 
     @classmethod
     def from_record(cls, rec: Any) -> WalEntry:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+        return from_record(cls, rec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +114,7 @@ class ElementState:
 
     @classmethod
     def from_record(cls, rec: Any) -> ElementState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+        return from_record(cls, rec)
 
 
 @dataclass(frozen=True, slots=True)

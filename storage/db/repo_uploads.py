@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ..models import from_record
 from .pool import Db
 
 
@@ -43,8 +44,7 @@ class ResumableUpload:
 
     @classmethod
     def from_record(cls, rec: Any) -> ResumableUpload:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(rec).items() if k in names})
+        return from_record(cls, rec)
 
     @property
     def relative_path(self) -> str:
