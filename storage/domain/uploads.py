@@ -8,11 +8,12 @@ The WAL intent row doubles as the capacity reservation
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 DEFER_MAX = 64 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class UploadSpec:
-    """What the client asked to store (everything but the bytes)."""
+    """What the client asked to store (everything but the bytes).  Frozen: the form
+    fields that follow a multipart file part arrive only as the body ends, and are
+    applied by :func:`store` at one point (``trailing``), not behind its back."""
 
     original_filename: str
     content_type: str = "application/octet-stream"
@@ -65,7 +68,7 @@ def build_meta(spec: UploadSpec, who: Identity, file_id: uuid.UUID, now: datetim
         created_at=now, updated_at=now, created_by_id=who.sub,
         created_by_username=who.name, storage_path=naming.storage_path(now),
         checksum="0" * 64, description=spec.description, version=spec.version,
-        metadata_json=spec.metadata, cache_updated_at=now,
+        metadata_json=spec.metadata or None, cache_updated_at=now,
     )
 
 
@@ -175,9 +178,14 @@ def _verify_digests(spec: UploadSpec, writer: Writer) -> None:
             )
 
 
-async def store(el: Element, spec: UploadSpec, who: Identity,
-                chunks: AsyncIterator[bytes]) -> FileMeta:
-    """Store one upload durably.  Nothing is visible unless this returns."""
+async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncIterator[bytes],
+                *, trailing: Mapping[str, Any] | None = None) -> FileMeta:
+    """Store one upload durably.  Nothing is visible unless this returns.
+
+    ``trailing``: ``UploadSpec`` fields (description, version, metadata) that the body
+    itself carries after the bytes (multipart fields after the file part); read once
+    ``chunks`` is exhausted, and they override ``spec``'s.
+    """
     now = utcnow()
     file_id = spec.file_id or uuid.uuid4()
     meta = build_meta(spec, who, file_id, now)
@@ -217,9 +225,10 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             await faults.point(el, "upload.after_body")
             _verify_digests(spec, writer)
             meta.file_size, meta.checksum = writer.size, writer.sha256
-            # multipart fields that followed the file part
-            meta.description, meta.version = spec.description, spec.version
-            meta.metadata_json = spec.metadata or None  # {} reads back as null
+            if trailing:  # multipart fields that followed the file part
+                spec = dataclasses.replace(spec, **trailing)
+                meta.description, meta.version = spec.description, spec.version
+                meta.metadata_json = spec.metadata or None  # {} reads back as null
             # data and attr document in one step: one directory fsync for both
             await writer.commit(attr_document(meta))
             visible = True

@@ -9,13 +9,13 @@ import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..domain import validate
 from ..domain.element import Element
-from ..domain.uploads import UploadSpec
 from ..errors import BadRequest, StorageError
 
 MAX_FIELDS = 64
@@ -134,22 +134,25 @@ async def _field_text(part: BodyPartReader, pace: Pace) -> str:
         raise BadRequest(f"form field {part.name!r} is not valid UTF-8") from None
 
 
-def apply_field(spec: UploadSpec, name: str, value: str, *, after_file: bool) -> None:
+def parse_field(name: str, value: str, *, after_file: bool) -> dict[str, Any]:
+    """One form field (or raw-PUT query parameter) as ``UploadSpec`` keyword arguments;
+    unknown names are ignored, as artStore does."""
     if name == "description":
-        spec.description = validate.text(value, "description", max_len=4096)
-    elif name == "version":
-        spec.version = validate.text(value, "version", max_len=50) or None
-    elif name == "metadata":
+        return {"description": validate.text(value, "description", max_len=4096)}
+    if name == "version":
+        return {"version": validate.text(value, "version", max_len=50) or None}
+    if name == "metadata":
         parsed = validate.strict_json(value, "metadata") if value.strip() else None
-        spec.metadata = validate.metadata_object(parsed)
-    elif name == "file_id":
+        return {"metadata": validate.metadata_object(parsed)}
+    if name == "file_id":
         if after_file:
             raise BadRequest("file_id must be sent before the file part")
         if value.strip():
             try:
-                spec.file_id = uuid.UUID(value.strip())
+                return {"file_id": uuid.UUID(value.strip())}
             except ValueError:
                 raise BadRequest(f"Invalid file_id format: {value[:100]}") from None
+    return {}
 
 
 def _reason(exc: Exception) -> str:
@@ -165,6 +168,7 @@ class MultipartUpload:
         self.el = el
         self.count = 0
         self.pace = Pace.of(el)
+        self.trailing: dict[str, Any] = {}  # the fields after the file part
 
     async def next_part(self) -> BodyPartReader | None:
         try:
@@ -180,15 +184,19 @@ class MultipartUpload:
             raise BadRequest("nested multipart bodies are not supported")
         return part
 
-    async def until_file(self, spec: UploadSpec) -> BodyPartReader:
+    async def until_file(self) -> tuple[dict[str, Any], BodyPartReader]:
+        """The fields before the file part (as ``UploadSpec`` keywords), and that part."""
+        fields: dict[str, Any] = {}
         while (part := await self.next_part()) is not None:
             if part.name == "file":
-                return part
-            apply_field(spec, part.name or "", await _field_text(part, self.pace),
-                         after_file=False)
+                return fields, part
+            fields |= parse_field(part.name or "", await _field_text(part, self.pace),
+                                  after_file=False)
         raise validate.invalid("file", "Field required", where="body")
 
-    async def file_then_rest(self, part: BodyPartReader, spec: UploadSpec) -> AsyncIterator[bytes]:
+    async def file_then_rest(self, part: BodyPartReader) -> AsyncIterator[bytes]:
+        """The file's bytes; the fields after it land in :attr:`trailing` as the body
+        ends, for :func:`storage.domain.uploads.store` to apply once it has read it all."""
         size = self.el.config.upload_chunk_size
         try:
             while chunk := await self.pace.read(part.read_chunk, size):
@@ -198,5 +206,5 @@ class MultipartUpload:
         while (part := await self.next_part()) is not None:
             if part.name == "file":
                 raise BadRequest("more than one file part in the upload")
-            apply_field(spec, part.name or "", await _field_text(part, self.pace),
-                         after_file=True)
+            self.trailing |= parse_field(part.name or "", await _field_text(part, self.pace),
+                                         after_file=True)

@@ -111,6 +111,53 @@ async def test_fields_after_the_file_part_are_applied(client, auth):
     assert meta["description"] == "came after the file"
 
 
+async def test_fields_after_the_file_override_those_before_it(client, auth):
+    f = FormData()
+    f.add_field("description", "before")
+    f.add_field("version", "1")
+    f.add_field("file", b"x", filename="o.txt")
+    f.add_field("description", "after")
+    f.add_field("metadata", json.dumps({"came": "late"}))
+    resp = await client.post(UPLOAD, data=f, headers=auth())
+    assert resp.status == 201
+    fid = (await resp.json())["file_id"]
+    meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
+    assert (meta["description"], meta["version"]) == ("after", "1")
+    found = await (await client.get("/api/v1/files/search", params={"metadata.came": "late"},
+                                    headers=auth())).json()
+    assert [f["file_id"] for f in found["files"]] == [fid]
+
+
+def test_an_upload_spec_cannot_change_under_the_upload():
+    """Fields that arrive after the file reach ``store`` as ``trailing``, never by
+    mutating the spec it is storing (a frozen dataclass)."""
+    import dataclasses
+
+    from storage.domain.uploads import UploadSpec
+
+    spec = UploadSpec("a.txt", description="d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.description = "changed"  # type: ignore[misc]
+
+
+async def test_expect_100_continue_runs_the_upload_prechecks_once(client, auth, monkeypatch):
+    """The ``Expect: 100-continue`` handler checks mode and size before the body comes;
+    the upload handler, next on the same request, does not check them again."""
+    from storage.domain import modes
+
+    calls = []
+    real = modes.require
+    monkeypatch.setattr(modes, "require", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    f = form(b"expect me", "e.txt")
+    resp = await client.post(UPLOAD, data=f, headers={**auth(), "Expect": "100-continue"})
+    assert resp.status == 201
+    assert [a[0] for a in calls] == ["upload"]
+    calls.clear()
+    resp = await client.post(UPLOAD, data=form(b"plain", "p.txt"), headers=auth())
+    assert resp.status == 201
+    assert [a[0] for a in calls] == ["upload"]
+
+
 @BOTH_BACKENDS
 async def test_duplicate_file_id_is_409_and_leaves_the_first(client, auth, config):
     fid = str(uuid.uuid4())

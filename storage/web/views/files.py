@@ -39,8 +39,15 @@ def _file_size_hint(request: web.Request) -> int | None:
     return size
 
 
+# Set by the ``Expect: 100-continue`` handler once it has run the prechecks, so that the
+# upload handler, which runs next on the same request, does not run them again.
+prechecked_key = web.RequestKey("prechecked", bool)
+
+
 def _precheck_upload(request: web.Request) -> None:
     """Checks that need no body: mode and announced size (auth ran already)."""
+    if request.get(prechecked_key):
+        return
     el = element(request)
     require_mode(el, "upload")
     reservations.check_declared_size(el, _file_size_hint(request))
@@ -58,6 +65,7 @@ async def upload_expect(request: web.Request) -> web.StreamResponse | None:
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)
+    request[prechecked_key] = True
     return await _default_expect_handler(request)
 
 
@@ -70,17 +78,19 @@ async def upload(request: web.Request) -> web.Response:
     except (AssertionError, ValueError, KeyError) as exc:
         raise BadRequest(f"expected a multipart/form-data body: {exc}") from None
     walker = bodies.MultipartUpload(reader, el)
-    spec = UploadSpec(original_filename="file", size_bound=bodies.declared(request),
-                      digests=_digests(request))
-    part = await walker.until_file(spec)
+    fields, part = await walker.until_file()
     if part.filename is None:  # curl -F file=report.pdf: the text "report.pdf", not a file
         raise BadRequest(
             "The form part 'file' has no filename in its Content-Disposition, so it is a "
             "text field, not a file; nothing was stored. Send the file as a file part, e.g. "
             "curl -F file=@path (the @ makes curl read and attach the file)")
-    spec.original_filename = validate.filename(part.filename) or "file"
-    spec.content_type = validate.content_type(part.headers.get(hdrs.CONTENT_TYPE))
-    meta = await uploads.store(el, spec, identity(request), walker.file_then_rest(part, spec))
+    spec = UploadSpec(
+        original_filename=validate.filename(part.filename) or "file",
+        content_type=validate.content_type(part.headers.get(hdrs.CONTENT_TYPE)),
+        size_bound=bodies.declared(request), digests=_digests(request), **fields,
+    )
+    meta = await uploads.store(el, spec, identity(request), walker.file_then_rest(part),
+                               trailing=walker.trailing)
     return _created(meta)
 
 
@@ -123,15 +133,16 @@ async def put_raw(request: web.Request) -> web.Response:
     el = element(request)
     file_id = validate.file_id(request.match_info["file_id"])
     _precheck_upload(request)
-    query = request.query
+    fields: dict[str, Any] = {}
+    for name in ("description", "version", "metadata"):
+        if name in request.query:
+            fields |= bodies.parse_field(name, request.query[name], after_file=False)
     spec = UploadSpec(
         original_filename=_raw_filename(request, file_id),
         content_type=validate.content_type(request.headers.get(hdrs.CONTENT_TYPE)),
         file_id=file_id, declared_size=bodies.declared(request), digests=_digests(request),
+        **fields,
     )
-    for name in ("description", "version", "metadata"):
-        if name in query:
-            bodies.apply_field(spec, name, query[name], after_file=False)
     chunks = bodies.body_chunks(request, el.config.upload_chunk_size, bodies.Pace.of(el))
     meta = await uploads.store(el, spec, identity(request), chunks)
     return _created(meta)
