@@ -29,8 +29,9 @@ process and disappears silently with it; the lease survives database restarts an
 works from the pool.)
 
 **The sha256** of the whole content is kept running per upload in the process that
-appended last (:class:`Hashes`); a PATCH that lands anywhere else (another worker,
-another host, after a restart) first rebuilds it from the staged bytes, once.
+appended last (:class:`Hashes`, keyed by the upload's transaction id, never by the file
+id alone); a PATCH that lands anywhere else (another worker, another host, after a
+restart) first rebuilds it from the staged bytes, once.
 
 **Completion** (offset == length) goes through the commit protocol of every upload:
 the FileMeta (``uploads.build_meta``) and its attr document, data and attr visible

@@ -73,6 +73,9 @@ class Progress:
 class Hashes:
     """The running sha256 of the uploads this process appended to last, by offset.
 
+    Keyed by the upload's own identity, its ``transaction_id`` (new for every creation),
+    never by the file id: an upload terminated or expired in another process and created
+    again under the same id must not find this one's hash (issue 23, finding 1).
     Bounded (least recently used out); a miss costs one rebuild from the staged bytes.
     """
 
@@ -80,22 +83,22 @@ class Hashes:
         self._size = size
         self._items: OrderedDict[uuid.UUID, tuple[int, Any]] = OrderedDict()
 
-    def get(self, file_id: uuid.UUID, offset: int) -> Any | None:
+    def get(self, txid: uuid.UUID, offset: int) -> Any | None:
         """A copy (a refused chunk must not reach the kept one) when it is at ``offset``."""
-        item = self._items.get(file_id)
+        item = self._items.get(txid)
         if item is None or item[0] != offset:
             return None
-        self._items.move_to_end(file_id)
+        self._items.move_to_end(txid)
         return item[1].copy()
 
-    def put(self, file_id: uuid.UUID, offset: int, hasher: Any) -> None:
-        self._items[file_id] = (offset, hasher)
-        self._items.move_to_end(file_id)
+    def put(self, txid: uuid.UUID, offset: int, hasher: Any) -> None:
+        self._items[txid] = (offset, hasher)
+        self._items.move_to_end(txid)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
 
-    def drop(self, file_id: uuid.UUID) -> None:
-        self._items.pop(file_id, None)
+    def drop(self, txid: uuid.UUID) -> None:
+        self._items.pop(txid, None)
 
 
 def check_length(el: Element, length: int | None) -> None:
@@ -147,11 +150,11 @@ async def append_body(el: Element, hashes: Hashes | None, lease: Lease, up: Resu
     if body is None or req.content_length == 0:
         return progress
     stg = make_staging(el.backend)
-    hasher = hashes.get(up.file_id, up.upload_offset) if hashes is not None else None
+    hasher = hashes.get(up.transaction_id, up.upload_offset) if hashes is not None else None
     if hasher is None:
         hasher, progress.rehashed = await _rehash(el, stg, up), up.upload_offset > 0
         if hashes is not None:  # kept even if this request's bytes are refused
-            hashes.put(up.file_id, up.upload_offset, hasher.copy())
+            hashes.put(up.transaction_id, up.upload_offset, hasher.copy())
     session = await stg.open(up.file_id, up.upload_offset, up.staging)
     try:
         staging, received, reserved, cut = await _stage(el, lease, up, req, body, session,
@@ -174,7 +177,7 @@ async def append_body(el: Element, hashes: Hashes | None, lease: Lease, up: Resu
     finally:
         await session.close()
     if hashes is not None:
-        hashes.put(up.file_id, offset, hasher)
+        hashes.put(up.transaction_id, offset, hasher)
     up.upload_offset, up.staging, up.updated_at = offset, staging, now
     up.expires_at, up.reserved_bytes = expiry(el, now), max(reserved, up.reserved_bytes)
     progress.received = received
@@ -262,7 +265,7 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
     if up.wal_status != "committed":
         if await repo.get_file(el.db, up.file_id) is not None:  # taken meanwhile
             await _refuse_completion(el, hashes, up, lease, published=False)
-        hasher = hashes.get(up.file_id, up.upload_offset) if hashes is not None else None
+        hasher = hashes.get(up.transaction_id, up.upload_offset) if hashes is not None else None
         if hasher is None:
             hasher = await _rehash(el, stg, up)
         meta = file_meta(up, hasher.hexdigest())
@@ -289,7 +292,7 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
     up.completed_at, up.upload_offset, up.staging = now, up.upload_length or 0, {}
     up.wal_status, up.expires_at = "committed", expiry(el, now)
     if hashes is not None:
-        hashes.drop(up.file_id)
+        hashes.drop(up.transaction_id)
     await _quietly(stg.discard(up.file_id), f"remove the staged bytes of {up.file_id}")
 
 
@@ -311,7 +314,7 @@ async def remove(el: Element, hashes: Hashes | None, up: ResumableUpload, lease:
     await repo_uploads.remove(el.db, up.file_id, lease.owner, reason, utcnow())
     lease.given_up()
     if hashes is not None:
-        hashes.drop(up.file_id)
+        hashes.drop(up.transaction_id)
     await make_staging(el.backend).discard(up.file_id)
 
 
