@@ -216,6 +216,40 @@ async def test_a_body_cut_short_keeps_what_arrived(server_factory, server_env, a
     assert _file(server, headers, location)["checksum"] == hashlib.sha256(data).hexdigest()
 
 
+@BOTH_BACKENDS
+async def test_an_interrupted_patch_keeps_every_byte_that_arrived(storage_kind,
+                                                                  server_factory, kind_env,
+                                                                  auth):
+    """Issue 23, finding 10: 1,000,000 bytes arrive (less than UPLOAD_CHUNK_SIZE, 1 MiB)
+    and the connection drops: all of them are staged, made durable and counted."""
+    server, headers = server_factory(kind_env), {**auth(), **TUS}
+    data = os.urandom(3 * MIB)
+    created = requests.post(server.url + ROOT, headers={**headers, "Upload-Length": str(
+        len(data))}, timeout=10)
+    location, sent = created.headers["Location"], 1_000_000
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {
+        **headers, **OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)),
+        "Host": f"127.0.0.1:{server.port}"}.items())
+    writer.write(f"PATCH {URL(location).path} HTTP/1.1\r\n{head}\r\n".encode() + data[:sent])
+    await writer.drain()
+    await asyncio.sleep(0.5)  # let the server read what was sent
+    writer.close()
+    await writer.wait_closed()
+    offset = 0
+    for _ in range(200):  # the server finishes the request after the client left
+        offset = int(requests.head(location, headers=headers, timeout=10)
+                     .headers["Upload-Offset"])
+        if offset:
+            break
+        await asyncio.sleep(0.05)
+    assert offset == sent
+    resp = requests.patch(location, data=data[offset:], timeout=30, headers={
+        **headers, **OCTETS, "Upload-Offset": str(offset)})
+    assert resp.status_code == 204, resp.text
+    assert _file(server, headers, location)["checksum"] == hashlib.sha256(data).hexdigest()
+
+
 # --- memory ------------------------------------------------------------------------------
 
 PIECE = os.urandom(8 * MIB)

@@ -59,7 +59,8 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
     el = element(request)
     try:
         pace = bodies.Pace.of(el)
-        async for chunk in bodies.body_chunks(request, el.config.upload_chunk_size, pace):
+        async for chunk in bodies.body_chunks(request, el.config.upload_chunk_size, pace,
+                                              partial=True):
             yield chunk
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as exc:
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
