@@ -170,9 +170,11 @@ async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
 
 async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
     """HEAD: the upload as stored; a full upload whose completion died is completed first
-    (unless another request holds it).  :raises NotFound: / Forbidden:"""
+    (unless another request holds it).  :raises NotFound:"""
     up = await _load(el, file_id, who)
     if up.completed_at is None and (up.full or up.finished):
+        if not _completable(el, up):
+            return up  # the offset, as it is: the file is made when uploads are allowed
         lease = Lease(el, file_id)
         try:
             up = await lease.take()
@@ -190,7 +192,7 @@ async def append(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity,
                  body: AsyncIterator[bytes]) -> Progress:
     """PATCH: the body at ``req.offset``; the file is made when the last byte is in.
 
-    :raises NotFound: / Forbidden: / Locked: (423) / Conflict: (409, wrong offset) /
+    :raises NotFound: / Locked: (423) / Conflict: (409, wrong offset) /
         PayloadTooLarge: (past Upload-Length) / ChecksumMismatch: (460) / BadRequest: /
         InsufficientStorage: -- none of them moves the offset.  A body cut short (client
         gone, too slow) keeps what arrived, unless a checksum was sent, and re-raises.
@@ -216,7 +218,7 @@ async def append(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity,
 async def terminate(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> None:
     """DELETE: staged bytes, record and reservation gone (a finished upload's file stays).
 
-    :raises NotFound: / Forbidden: / Locked:"""
+    :raises NotFound: / Locked:"""
     lease, up = await _leased(el, file_id, who)
     try:
         await steps.remove(el, hashes, up, lease, "terminated by the client")
