@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MODES = ("edit", "rw", "ro", "ar")
@@ -113,6 +113,24 @@ def _origins(var: str, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _base_url(var: str, raw: str) -> str | None:
+    """An absolute http(s) URL without user info, query or fragment; no trailing slash."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError when out of range
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or "@" in parts.netloc or parts.query or parts.fragment or " " in text
+            or port == 0):
+        raise ConfigError(f"{var}={raw!r} is invalid: expected an absolute http(s) URL "
+                          "such as https://storage.example.org/se01 (no query, no user)")
+    return text.rstrip("/")
+
+
 def _path(var: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -142,6 +160,11 @@ class Config:
     # closes a connection idle (or still sending its request headers) this long: the
     # only guard aiohttp has against slowloris headers and piles of idle connections
     keepalive_timeout: float = env("SERVER_KEEPALIVE_TIMEOUT", _float(0.5, 3600), 75.0)
+    # absolute URLs handed out (the tus Location): PUBLIC_BASE_URL when set, else the
+    # connection's scheme and Host, replaced by a proxy's Forwarded / X-Forwarded-Proto /
+    # X-Forwarded-Host only when TRUST_FORWARDED_HEADERS (storage/web/origin.py)
+    public_base_url: str | None = env("PUBLIC_BASE_URL", _base_url, None)
+    trust_forwarded_headers: bool = env("TRUST_FORWARDED_HEADERS", _bool, False)
     data_dir: Path = env("DATA_DIR", _path, Path("./data"))
     # database
     database_url: str | None = env("DATABASE_URL", _opt_str, None)

@@ -32,7 +32,7 @@ from ...errors import (
     render,
 )
 from ...observability.metrics import metrics_key
-from .. import bodies, tusproto
+from .. import bodies, origin, tusproto
 from ..tusproto import CHECKSUMS, EXTENSIONS, OFFSET_OCTETS, TUS_VERSION
 from .files import require_mode
 
@@ -67,9 +67,10 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
         raise ClientGone(f"The upload body ended early: {reason.strip()[:200]}") from None
 
 
-def _location(request: web.Request, file_id: uuid.UUID) -> str:
-    """Absolute: aiotus cannot resolve a relative ``Location``."""
-    return str(request.url.origin().with_path(f"{ROOT}/{file_id}"))
+def _location(base: str, file_id: uuid.UUID) -> str:
+    """Absolute (aiotus cannot resolve a relative ``Location``), from
+    :func:`origin.base_url`, which is checked before the upload is created."""
+    return f"{base}{ROOT}/{file_id}"
 
 
 def _count(request: web.Request, progress: resumable.Progress) -> None:
@@ -102,6 +103,7 @@ async def create(request: web.Request) -> web.Response:
     require_mode(el, "upload")
     req = resumable.Creation(tusproto.creation_length(request.headers),
                              tusproto.file_fields(request.headers.get("Upload-Metadata")))
+    base = origin.base_url(request, el.config)  # 400 now, before anything is created
     chunk = _is_chunk(request)
     checksum = tusproto.upload_checksum(request.headers) if chunk else None
     progress = await resumable.create(
@@ -110,7 +112,7 @@ async def create(request: web.Request) -> web.Response:
     request.app[metrics_key].tus_started.inc()
     _count(request, progress)
     up = progress.upload
-    headers = {hdrs.LOCATION: _location(request, up.file_id),
+    headers = {hdrs.LOCATION: _location(base, up.file_id),
                "Upload-Expires": tusproto.http_date(up.expires_at)}
     if chunk:
         headers["Upload-Offset"] = str(up.upload_offset)
