@@ -186,8 +186,9 @@ class Config:
     # storage
     storage_type: str = env("STORAGE_TYPE", _choice("local", "s3"), "local")
     storage_local_base_path: Path = env("STORAGE_LOCAL_BASE_PATH", _path, Path("./data/storage"))
-    storage_max_size: int = env("STORAGE_MAX_SIZE", _int(1), 1073741824)
-    storage_max_file_size: int = env("STORAGE_MAX_FILE_SIZE", _int(0), 0)
+    # at most 2**61 (2 EiB): stored + reserved + one request's need stays a bigint
+    storage_max_size: int = env("STORAGE_MAX_SIZE", _int(1, 2**61), 1073741824)
+    storage_max_file_size: int = env("STORAGE_MAX_FILE_SIZE", _int(0, 2**61), 0)
     storage_disk_reserve: int = env("STORAGE_DISK_RESERVE", _int(0), 64 * 1024 * 1024)
     storage_element_id: str = env("STORAGE_ELEMENT_ID", _str, "se-local-01")
     storage_priority: int = env("STORAGE_PRIORITY", _int(), 100)
@@ -212,6 +213,9 @@ class Config:
     upload_min_rate: int = env("UPLOAD_MIN_RATE", _int(0, 2**40), 64 * 1024)
     # resumable (tus) uploads: an unfinished upload untouched this long is removed
     upload_expiry_hours: float = env("UPLOAD_EXPIRY_HOURS", _float(0.0001, 87600), 24.0)
+    # bytes one caller (token ``sub``) may hold reserved in unfinished resumable uploads;
+    # past it creation and growth get 507.  0: no bound (one upload may hold the capacity)
+    upload_max_pending_bytes: int = env("UPLOAD_MAX_PENDING_BYTES", _int(0, 2**61), 0)
     # auth
     jwt_public_key_path: Path | None = env("JWT_PUBLIC_KEY_PATH", _opt_path, None)
     jwt_jwks_url: str | None = env("JWT_JWKS_URL", _opt_str, None)

@@ -25,6 +25,7 @@ from ..errors import (
     ChecksumMismatch,
     ClientGone,
     Conflict,
+    InsufficientStorage,
     PayloadTooLarge,
     StorageError,
     Unavailable,
@@ -102,11 +103,53 @@ class Hashes:
 
 
 def check_length(el: Element, length: int | None) -> None:
-    """:raises PayloadTooLarge: (413) only for an explicit ``STORAGE_MAX_FILE_SIZE``."""
+    """A length (declared, or received so far) the element can never hold is refused
+    before anything is reserved (a length near 2**63 would overflow the reservation's
+    sum in the database): :raises PayloadTooLarge: (413) over an explicit
+    ``STORAGE_MAX_FILE_SIZE`` / InsufficientStorage: (507) over the capacity."""
     cap = el.config.storage_max_file_size
     if length is not None and cap > 0 and length > cap:
         raise PayloadTooLarge(f"Upload-Length {length} exceeds the maximum file size of {cap} "
                               "bytes", headers={"Connection": "close"})
+    if length is not None and length > reservations.max_file_size(el):
+        raise reservations.over_limit(el, length)
+
+
+async def check_pending(el: Element, sub: str, extra: int = 0) -> None:
+    """``UPLOAD_MAX_PENDING_BYTES``: what ``sub``'s unfinished uploads hold reserved (plus
+    ``extra`` not reserved yet) may not exceed it.  Called after each reservation of a
+    resumable upload is made (so two requests racing both see each other's: at worst
+    both are refused, never both let through), and with ``extra`` before one is made.
+
+    :raises InsufficientStorage: (507) -- the caller undoes the reservation it made."""
+    limit = el.config.upload_max_pending_bytes
+    if limit <= 0:
+        return
+    held = extra + (await repo_uploads.pending_bytes(el.db, sub) if extra <= limit else 0)
+    if held > limit:
+        raise InsufficientStorage(
+            f"Not enough capacity for this caller: its unfinished resumable uploads would "
+            f"hold {held} bytes, more than the {limit} one caller may hold "
+            "(UPLOAD_MAX_PENDING_BYTES); finish or terminate some first",
+            headers={"Connection": "close"})
+
+
+async def _grow(el: Element, up: ResumableUpload, reserved: int, need: int) -> int:
+    """Grow a deferred upload's reservation to cover ``need`` bytes, within the capacity
+    and the creator's ``UPLOAD_MAX_PENDING_BYTES`` (a refused growth is given back)."""
+    grown = await reservations.grow(el, up.transaction_id, reserved, need,
+                                    reservations.max_file_size(el))
+    while True:
+        try:
+            await check_pending(el, up.created_by_id)
+            return grown
+        except InsufficientStorage:
+            # a whole growth step is over the bound: just what is needed, else nothing
+            grown = need if grown > need else reserved
+            await asyncio.shield(repo_uploads.shrink_reservation(el.db, up.transaction_id,
+                                                                 grown))
+            if grown == reserved:
+                raise
 
 
 async def _declare_length(el: Element, lease: Lease, up: ResumableUpload,
@@ -120,6 +163,12 @@ async def _declare_length(el: Element, lease: Lease, up: ResumableUpload,
                          "already received")
     check_length(el, length)
     await reservations.reserve(el, up.transaction_id, length, insert=None)  # exactly that, now
+    try:
+        await check_pending(el, up.created_by_id)
+    except InsufficientStorage:
+        await asyncio.shield(repo_uploads.shrink_reservation(el.db, up.transaction_id,
+                                                             up.reserved_bytes))
+        raise
     if not await repo_uploads.declare_length(el.db, up.file_id, lease.owner, length):
         raise Unavailable(f"Upload {up.file_id} changed under the request; retry")
     up.upload_length, up.reserved_bytes = length, length
@@ -197,7 +246,6 @@ async def _stage(el: Element, lease: Lease, up: ResumableUpload, req: Append,
     feeds = [hasher] if check is None else [hasher, check]
     left = None if up.upload_length is None else up.upload_length - up.upload_offset
     received, reserved, cut = 0, up.reserved_bytes, None
-    cap = reservations.max_file_size(el)
     try:
         chunks = aiter(body)
         while True:
@@ -220,7 +268,7 @@ async def _stage(el: Element, lease: Lease, up: ResumableUpload, req: Append,
             if left is None:
                 check_length(el, total)
                 if total > reserved:
-                    reserved = await reservations.grow(el, up.transaction_id, reserved, total, cap)
+                    reserved = await _grow(el, up, reserved, total)
             await session.write(chunk, feeds)
             lease.check()
         if cut is not None and (not keep_partial or check is not None or received == 0):
@@ -280,10 +328,14 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
             await uploads.finish(el, meta, up.transaction_id)
         except Conflict:
             await _refuse_completion(el, hashes, up, lease, published=True)
-        except (BadRequest, uploads.Abandoned):
+        except (BadRequest, uploads.Abandoned) as exc:
             # the element left the upload modes (or recovery resolved the intent): the
             # published file goes again; the staged upload stays for a later attempt
             await _quietly(el.backend.delete(up.relative_path), f"remove {up.relative_path}")
+            if isinstance(exc, BadRequest):
+                raise BadRequest(f"{exc.detail}: the upload's {up.upload_offset} bytes are "
+                                 "kept; it becomes a file once uploads are allowed again "
+                                 "(by the next HEAD or PATCH), or expires") from None
             raise
         await faults.point(el, "tus.after_finish")
     now = utcnow()

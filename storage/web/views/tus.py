@@ -176,14 +176,19 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     refused = await check_request_auth(request)
     if refused is not None:
         return refused
+    method = request.method
+    if "file_id" in request.match_info:  # POST …/{id}: the method it stands for
+        method = request.headers.get("X-HTTP-Method-Override", "").strip().upper() or method
     try:
         tusproto.check_version(request.headers)
         el = element(request)
-        require_mode(el, "upload")
-        if request.method == hdrs.METH_PATCH and not _is_chunk(request):
+        if method in (hdrs.METH_PATCH, hdrs.METH_POST):
+            require_mode(el, "upload")
+        if method == hdrs.METH_PATCH and not _is_chunk(request):
             raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_OCTETS}")
-        if request.method == hdrs.METH_POST:
+        if method == hdrs.METH_POST and "file_id" not in request.match_info:
             resumable.check_length(el, tusproto.creation_length(request.headers))
+            origin.base_url(request, el.config)
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)
