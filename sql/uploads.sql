@@ -107,3 +107,37 @@ WHERE u.expires_at < $1
 SELECT u.file_id FROM <prefix>_uploads u
 JOIN <prefix>_wal w ON w.transaction_id = u.transaction_id AND w.status = 'pending'
 WHERE u.file_id = ANY($1::uuid[]);
+
+-- name: upload_reap_expired
+-- $1 file_id, $2 now, $3 reason: an unfinished upload whose time is up and that no
+-- request holds is removed (row deleted, WAL row rolled back, as upload_remove) so a new
+-- creation may take its id; how many were removed
+WITH u AS (
+    DELETE FROM <prefix>_uploads u
+    WHERE u.file_id = $1 AND u.expires_at <= $2 AND u.completed_at IS NULL
+      AND (u.lease_owner IS NULL OR u.lease_until < $2)
+      AND EXISTS (SELECT 1 FROM <prefix>_wal w
+                  WHERE w.transaction_id = u.transaction_id AND w.status = 'pending')
+    RETURNING transaction_id
+), w AS (
+    UPDATE <prefix>_wal SET
+        status = 'rolled_back',
+        error_message = $3,
+        completed_at = $2,
+        duration_ms = (extract(epoch FROM ($2 - started_at)) * 1000)::integer,
+        reserved_bytes = 0
+    WHERE transaction_id = (SELECT transaction_id FROM u) AND status = 'pending'
+    RETURNING transaction_id
+)
+SELECT (SELECT count(*) FROM u) AS removed, (SELECT count(*) FROM w) AS released;
+
+-- name: upload_pending_bytes
+-- $1 user_id: the bytes reserved by the caller's unfinished resumable uploads
+SELECT COALESCE(sum(w.reserved_bytes), 0)::bigint FROM <prefix>_wal w
+WHERE w.status = 'pending' AND w.operation_type = 'file_upload_resumable'
+  AND w.user_id = $1;
+
+-- name: upload_shrink_reservation
+-- $1 transaction_id, $2 reserved_bytes: give back what a refused growth took
+UPDATE <prefix>_wal SET reserved_bytes = $2
+WHERE transaction_id = $1 AND status = 'pending' AND reserved_bytes > $2;

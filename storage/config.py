@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MODES = ("edit", "rw", "ro", "ar")
@@ -113,6 +113,24 @@ def _origins(var: str, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _base_url(var: str, raw: str) -> str | None:
+    """An absolute http(s) URL without user info, query or fragment; no trailing slash."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError when out of range
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or "@" in parts.netloc or parts.query or parts.fragment or " " in text
+            or port == 0):
+        raise ConfigError(f"{var}={raw!r} is invalid: expected an absolute http(s) URL "
+                          "such as https://storage.example.org/se01 (no query, no user)")
+    return text.rstrip("/")
+
+
 def _path(var: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -142,6 +160,11 @@ class Config:
     # closes a connection idle (or still sending its request headers) this long: the
     # only guard aiohttp has against slowloris headers and piles of idle connections
     keepalive_timeout: float = env("SERVER_KEEPALIVE_TIMEOUT", _float(0.5, 3600), 75.0)
+    # absolute URLs handed out (the tus Location): PUBLIC_BASE_URL when set, else the
+    # connection's scheme and Host, replaced by a proxy's Forwarded / X-Forwarded-Proto /
+    # X-Forwarded-Host only when TRUST_FORWARDED_HEADERS (storage/web/origin.py)
+    public_base_url: str | None = env("PUBLIC_BASE_URL", _base_url, None)
+    trust_forwarded_headers: bool = env("TRUST_FORWARDED_HEADERS", _bool, False)
     data_dir: Path = env("DATA_DIR", _path, Path("./data"))
     # database
     database_url: str | None = env("DATABASE_URL", _opt_str, None)
@@ -163,8 +186,9 @@ class Config:
     # storage
     storage_type: str = env("STORAGE_TYPE", _choice("local", "s3"), "local")
     storage_local_base_path: Path = env("STORAGE_LOCAL_BASE_PATH", _path, Path("./data/storage"))
-    storage_max_size: int = env("STORAGE_MAX_SIZE", _int(1), 1073741824)
-    storage_max_file_size: int = env("STORAGE_MAX_FILE_SIZE", _int(0), 0)
+    # at most 2**61 (2 EiB): stored + reserved + one request's need stays a bigint
+    storage_max_size: int = env("STORAGE_MAX_SIZE", _int(1, 2**61), 1073741824)
+    storage_max_file_size: int = env("STORAGE_MAX_FILE_SIZE", _int(0, 2**61), 0)
     storage_disk_reserve: int = env("STORAGE_DISK_RESERVE", _int(0), 64 * 1024 * 1024)
     storage_element_id: str = env("STORAGE_ELEMENT_ID", _str, "se-local-01")
     storage_priority: int = env("STORAGE_PRIORITY", _int(), 100)
@@ -189,6 +213,9 @@ class Config:
     upload_min_rate: int = env("UPLOAD_MIN_RATE", _int(0, 2**40), 64 * 1024)
     # resumable (tus) uploads: an unfinished upload untouched this long is removed
     upload_expiry_hours: float = env("UPLOAD_EXPIRY_HOURS", _float(0.0001, 87600), 24.0)
+    # bytes one caller (token ``sub``) may hold reserved in unfinished resumable uploads;
+    # past it creation and growth get 507.  0: no bound (one upload may hold the capacity)
+    upload_max_pending_bytes: int = env("UPLOAD_MAX_PENDING_BYTES", _int(0, 2**61), 0)
     # auth
     jwt_public_key_path: Path | None = env("JWT_PUBLIC_KEY_PATH", _opt_path, None)
     jwt_jwks_url: str | None = env("JWT_JWKS_URL", _opt_str, None)

@@ -153,3 +153,19 @@ async def purge_finished(db: Db, now: datetime) -> int:
 async def live_ids(db: Db, file_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     rows = await db.pool.fetch(db.q.upload_live_ids, list(file_ids))
     return {r["file_id"] for r in rows}
+
+
+async def reap_expired(db: Db, file_id: uuid.UUID, now: datetime, reason: str) -> bool:
+    """Remove the upload of ``file_id`` if it is unfinished, expired and not held; True
+    if it was (its reservation released in the same statement)."""
+    rec = await db.pool.fetchrow(db.q.upload_reap_expired, file_id, now, reason[:4000])
+    return rec["removed"] > 0
+
+
+async def pending_bytes(db: Db, user_id: str) -> int:
+    """What ``user_id``'s unfinished resumable uploads hold reserved."""
+    return await db.pool.fetchval(db.q.upload_pending_bytes, user_id)
+
+
+async def shrink_reservation(db: Db, txid: uuid.UUID, reserved: int) -> None:
+    await db.pool.execute(db.q.upload_shrink_reservation, txid, reserved)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import uuid
 
-from ..db import repo
+import asyncpg
+
+from ..backends import make_staging
+from ..db import repo, repo_uploads
 from ..errors import ClientGone, Conflict, InsufficientStorage, PayloadTooLarge, StorageError
+from ..models import utcnow
 from .element import Element
 
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
@@ -89,11 +93,34 @@ async def precheck_capacity(el: Element, need: int | None) -> None:
 
 async def reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
                    check_id: bool = False) -> None:
-    """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
-    r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+    """Atomically check capacity and (insert the WAL row with | grow) a reservation.
+
+    :raises Conflict: the id is a file, or held by an unfinished resumable upload (see
+        ``migrations/0012.upload_ids.py``; one that expired is removed first, as its
+        ``HEAD`` already answers 404) / InsufficientStorage:
+    """
+    try:
+        r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+    except asyncpg.UniqueViolationError as exc:
+        if insert is None or not (exc.constraint_name or "").endswith("_wal_upload_id"):
+            raise
+        if not await _reap_expired(el, insert["file_id"]):
+            raise Conflict(f"File with ID {insert['file_id']} is being uploaded "
+                           "(a resumable upload holds the ID until it ends)") from None
+        r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")
     _refuse(el, r, need)
+
+
+async def _reap_expired(el: Element, file_id: uuid.UUID) -> bool:
+    """Remove the expired, unswept resumable upload of ``file_id`` (row, reservation,
+    staged bytes) so the id is free again; False if there is none."""
+    if not await repo_uploads.reap_expired(el.db, file_id, utcnow(),
+                                           "expired; its id was taken by a new upload"):
+        return False
+    await make_staging(el.backend).discard(file_id)  # before the new upload stages any
+    return True
 
 
 async def grow(el: Element, txid: uuid.UUID, reserved: int, need: int, cap: int) -> int:
@@ -103,8 +130,10 @@ async def grow(el: Element, txid: uuid.UUID, reserved: int, need: int, cap: int)
     that: a small chunked upload would get 507 on a disk with room for it (issue 11).
     """
     # Doubling from 1 MiB, by at most GROWTH_STEP at a time: a small chunked body never
-    # holds 64 MiB of capacity that concurrent uploads could use.
-    step = min(cap, max(need, MIN_RESERVATION, min(2 * reserved, reserved + GROWTH_STEP)))
+    # holds 64 MiB of capacity that concurrent uploads could use.  Never less than
+    # ``need``: a need past ``cap`` is reserved as it is (and refused by the capacity),
+    # not quietly capped (issue 23: a deferred upload grew past the capacity that way).
+    step = max(need, min(cap, max(MIN_RESERVATION, min(2 * reserved, reserved + GROWTH_STEP))))
     try:
         await reserve(el, txid, step, insert=None)
         return step

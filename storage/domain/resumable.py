@@ -29,8 +29,9 @@ process and disappears silently with it; the lease survives database restarts an
 works from the pool.)
 
 **The sha256** of the whole content is kept running per upload in the process that
-appended last (:class:`Hashes`); a PATCH that lands anywhere else (another worker,
-another host, after a restart) first rebuilds it from the staged bytes, once.
+appended last (:class:`Hashes`, keyed by the upload's transaction id, never by the file
+id alone); a PATCH that lands anywhere else (another worker, another host, after a
+restart) first rebuilds it from the staged bytes, once.
 
 **Completion** (offset == length) goes through the commit protocol of every upload:
 the FileMeta (``uploads.build_meta``) and its attr document, data and attr visible
@@ -40,11 +41,24 @@ statement.  The row is then marked complete (kept until it expires, so ``HEAD``
 still says "complete") and the staged bytes go.  A crash anywhere in between leaves
 a full upload whose completion is simply run again (by the next request, or by the
 recovery resolver :func:`resolve`); a half-published object of an earlier attempt is
-this upload's own and is replaced.
+this upload's own and is replaced.  In a mode that forbids uploads a full upload is
+left as it is (``HEAD`` reports its offset): completing it would publish the file only
+to remove it again when the finish is refused.
+
+**The id** is held by the upload from its creation until it ends: every creation
+starts with a WAL intent, and a trigger (``migrations/0012.upload_ids.py``) refuses
+another creation's intent for an id a pending resumable intent holds (409).
+
+**Limits**: a declared length, and a deferred one as it grows, is refused past the
+capacity (507) or ``STORAGE_MAX_FILE_SIZE`` (413) before anything is reserved; with
+``UPLOAD_MAX_PENDING_BYTES`` what one caller (``sub``) holds reserved in unfinished
+uploads is bounded too (507).
 
 **Expiry**: an unfinished upload untouched for ``UPLOAD_EXPIRY_HOURS`` answers 404 and
 is removed (staged bytes, row, reservation) by the recovery passes (startup and
-every few minutes): :func:`resolve` for its WAL row, :func:`sweep` for leftovers.
+every few minutes): :func:`resolve` for its WAL row, :func:`sweep` for leftovers; a
+full one too when the mode forbids making it a file.  A new creation of its id removes
+it at once (:func:`storage.domain.reservations.reserve`).
 """
 
 from __future__ import annotations
@@ -60,9 +74,9 @@ import asyncpg
 from ..backends import make_staging
 from ..db import repo, repo_uploads
 from ..db.repo_uploads import NewUpload, ResumableUpload
-from ..errors import Conflict, Locked, StorageError
+from ..errors import BadRequest, Conflict, Locked, PayloadTooLarge, StorageError
 from ..models import Identity, WalEntry, utcnow
-from . import reservations, uploads
+from . import modes, reservations, uploads
 from . import resumable_steps as steps
 from .element import Element
 from .resumable_lease import LEASE, Lease, expiry, visible
@@ -128,12 +142,18 @@ async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
     meta.metadata_json = spec.metadata or None
     uploads.attr_document(meta)  # 400 now rather than when the last byte is in
     check_length(el, req.length)
+    await steps.check_pending(el, who.sub, req.length or 0)  # a length alone over the bound
     txid = uuid.uuid4()
     intent = {"op": OP, "file_id": file_id, "user_id": who.sub, "started_at": now,
               "data": {"relative_path": meta.relative_path, "upload_length": req.length,
                        "storage": el.backend.name}}
     await reservations.reserve(el, txid, req.length or 0, insert=intent,
-                           check_id=f.file_id is not None)
+                               check_id=f.file_id is not None)
+    try:
+        await steps.check_pending(el, who.sub)
+    except BaseException as exc:
+        await asyncio.shield(steps.rollback(el, txid, f"upload not created: {exc!r}"))
+        raise
     lease = Lease(el, file_id)
     new = NewUpload(file_id, txid, req.length, f.header, meta.original_filename,
                     meta.content_type, meta.description, meta.version, meta.metadata_json,
@@ -169,9 +189,11 @@ async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
 
 async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
     """HEAD: the upload as stored; a full upload whose completion died is completed first
-    (unless another request holds it).  :raises NotFound: / Forbidden:"""
+    (unless another request holds it).  :raises NotFound:"""
     up = await _load(el, file_id, who)
     if up.completed_at is None and (up.full or up.finished):
+        if not _completable(el, up):
+            return up  # the offset, as it is: the file is made when uploads are allowed
         lease = Lease(el, file_id)
         try:
             up = await lease.take()
@@ -189,7 +211,7 @@ async def append(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity,
                  body: AsyncIterator[bytes]) -> Progress:
     """PATCH: the body at ``req.offset``; the file is made when the last byte is in.
 
-    :raises NotFound: / Forbidden: / Locked: (423) / Conflict: (409, wrong offset) /
+    :raises NotFound: / Locked: (423) / Conflict: (409, wrong offset) /
         PayloadTooLarge: (past Upload-Length) / ChecksumMismatch: (460) / BadRequest: /
         InsufficientStorage: -- none of them moves the offset.  A body cut short (client
         gone, too slow) keeps what arrived, unless a checksum was sent, and re-raises.
@@ -200,6 +222,7 @@ async def append(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity,
             if req.offset != up.upload_length:
                 raise Conflict(f"Upload-Offset {req.offset} does not match the upload's "
                                f"offset {up.upload_length}: the upload is complete")
+            await _no_body(req, body, up.upload_length)
             if up.completed_at is None:
                 await steps.complete(el, hashes, lease, up)
             return Progress(up)
@@ -212,10 +235,25 @@ async def append(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity,
         await lease.release()
 
 
+async def _no_body(req: Append, body: AsyncIterator[bytes], length: int | None) -> None:
+    """:raises PayloadTooLarge: a PATCH at the end of a complete upload carries bytes (they
+    would go past ``Upload-Length``; acknowledging it would silently drop them)."""
+    if req.content_length == 0:
+        return
+    if req.content_length is None:  # chunked: an empty body is fine
+        async for chunk in body:
+            if chunk:
+                break
+        else:
+            return
+    raise PayloadTooLarge(f"The body goes past Upload-Length ({length}): the upload is "
+                          "complete; nothing was stored", headers={"Connection": "close"})
+
+
 async def terminate(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> None:
     """DELETE: staged bytes, record and reservation gone (a finished upload's file stays).
 
-    :raises NotFound: / Forbidden: / Locked:"""
+    :raises NotFound: / Locked:"""
     lease, up = await _leased(el, file_id, who)
     try:
         await steps.remove(el, hashes, up, lease, "terminated by the client")
@@ -244,21 +282,31 @@ async def resolve(el: Element, wal: WalEntry, *, exclusive: bool) -> str | None:
                                 "recovery: the upload record was never written", utcnow())
         return "unrecorded"
     expired = up.expires_at <= utcnow()
-    if not expired and not up.full:
-        return None
+    if not expired and not _completable(el, up):
+        return None  # live, or full in a mode that forbids making it a file (for now)
     lease = Lease(el, up.file_id)
     try:
         up = await lease.take(force=exclusive)
     except Locked:
         return None
     try:
-        if up.full:
-            await steps.complete(el, None, lease, up)
+        if _completable(el, up):
+            try:
+                await steps.complete(el, None, lease, up)
+            except BadRequest:  # the mode changed meanwhile: the next pass decides
+                return None
             return "completed"
+        # expired: unfinished, or full but the mode forbids making it a file
         await steps.remove(el, None, up, lease, "expired")
         return "expired"
     finally:
         await lease.release()
+
+
+def _completable(el: Element, up: ResumableUpload) -> bool:
+    """Full, and the file can be made now: its row is in already, or the element's mode
+    allows uploads (else completing would publish the file and remove it again)."""
+    return up.finished or (up.full and el.runtime.mode in modes.ALLOWED["upload"])
 
 
 async def sweep(el: Element) -> int:

@@ -14,7 +14,7 @@ import asyncpg
 
 from ..db import locks, repo_uploads
 from ..db.repo_uploads import ResumableUpload
-from ..errors import Forbidden, Locked, NotFound, StorageError, Unavailable
+from ..errors import Locked, NotFound, StorageError, Unavailable
 from ..models import Identity, utcnow
 from .element import Element
 
@@ -51,16 +51,21 @@ class Lease:
 
     async def take(self, *, force: bool = False, who: Identity | None = None) -> ResumableUpload:
         """The upload, leased to us.  ``force``: break any other lease (no server is alive).
-        ``who``: a request's caller, who must see the upload (404/403 before 423).
+        ``who``: a request's caller, who must see the upload: checked on a plain read
+        *before* the lease is taken, so a stranger's request never holds the lease (it
+        would answer the owner's own PATCHes with 423), and gets 404 as for an unknown id.
 
-        :raises NotFound: / Forbidden: / Locked: (423) another request holds it.
+        :raises NotFound: / Locked: (423) another request holds it.
         """
-        db, now = self.el.db, utcnow()
+        db = self.el.db
+        if who is not None:
+            visible(await repo_uploads.get(db, self.file_id), who, self.file_id)
+        now = utcnow()
         up = await repo_uploads.take_lease(db, self.file_id, self.owner, now + LEASE, now)
         if up is None:
             current = await repo_uploads.get(db, self.file_id)
-            if current is None or who is not None:
-                visible(current, who, self.file_id)
+            if current is None:
+                visible(current, None, self.file_id)
             holder = current.lease_owner or ""
             if force or locks.dead_local(locks.Holder(0, holder, None, "")):
                 up = await repo_uploads.take_lease(db, self.file_id, self.owner, now + LEASE,
@@ -72,7 +77,7 @@ class Lease:
         self.adopt()
         if who is not None:
             try:
-                visible(up, who, self.file_id)
+                visible(up, who, self.file_id)  # the row as leased (a new upload, same id)
             except StorageError:
                 await self.release()
                 raise
@@ -115,8 +120,10 @@ class Lease:
 
 
 def _authorize(up: ResumableUpload, who: Identity) -> None:
+    """Another user's upload is 404, as an unknown one: a 403 would tell a stranger that
+    the id is a live upload."""
     if who.role != "admin" and who.sub != up.created_by_id:
-        raise Forbidden("Only the creator of this upload or an admin may use it")
+        raise NotFound(f"Upload {up.file_id} not found (unknown, expired or terminated)")
 
 
 def _gone(up: ResumableUpload | None, now: datetime) -> bool:
@@ -126,7 +133,7 @@ def _gone(up: ResumableUpload | None, now: datetime) -> bool:
 
 
 def visible(up: ResumableUpload | None, who: Identity | None, file_id: uuid.UUID) -> None:
-    """:raises NotFound: (unknown and expired uploads alike) / Forbidden:"""
+    """:raises NotFound: unknown, expired, terminated, or another user's upload"""
     if _gone(up, utcnow()):
         raise NotFound(f"Upload {file_id} not found (unknown, expired or terminated)")
     if who is not None:

@@ -25,6 +25,7 @@ from ..errors import (
     ChecksumMismatch,
     ClientGone,
     Conflict,
+    InsufficientStorage,
     PayloadTooLarge,
     StorageError,
     Unavailable,
@@ -73,6 +74,9 @@ class Progress:
 class Hashes:
     """The running sha256 of the uploads this process appended to last, by offset.
 
+    Keyed by the upload's own identity, its ``transaction_id`` (new for every creation),
+    never by the file id: an upload terminated or expired in another process and created
+    again under the same id must not find this one's hash (issue 23, finding 1).
     Bounded (least recently used out); a miss costs one rebuild from the staged bytes.
     """
 
@@ -80,30 +84,72 @@ class Hashes:
         self._size = size
         self._items: OrderedDict[uuid.UUID, tuple[int, Any]] = OrderedDict()
 
-    def get(self, file_id: uuid.UUID, offset: int) -> Any | None:
+    def get(self, txid: uuid.UUID, offset: int) -> Any | None:
         """A copy (a refused chunk must not reach the kept one) when it is at ``offset``."""
-        item = self._items.get(file_id)
+        item = self._items.get(txid)
         if item is None or item[0] != offset:
             return None
-        self._items.move_to_end(file_id)
+        self._items.move_to_end(txid)
         return item[1].copy()
 
-    def put(self, file_id: uuid.UUID, offset: int, hasher: Any) -> None:
-        self._items[file_id] = (offset, hasher)
-        self._items.move_to_end(file_id)
+    def put(self, txid: uuid.UUID, offset: int, hasher: Any) -> None:
+        self._items[txid] = (offset, hasher)
+        self._items.move_to_end(txid)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
 
-    def drop(self, file_id: uuid.UUID) -> None:
-        self._items.pop(file_id, None)
+    def drop(self, txid: uuid.UUID) -> None:
+        self._items.pop(txid, None)
 
 
 def check_length(el: Element, length: int | None) -> None:
-    """:raises PayloadTooLarge: (413) only for an explicit ``STORAGE_MAX_FILE_SIZE``."""
+    """A length (declared, or received so far) the element can never hold is refused
+    before anything is reserved (a length near 2**63 would overflow the reservation's
+    sum in the database): :raises PayloadTooLarge: (413) over an explicit
+    ``STORAGE_MAX_FILE_SIZE`` / InsufficientStorage: (507) over the capacity."""
     cap = el.config.storage_max_file_size
     if length is not None and cap > 0 and length > cap:
         raise PayloadTooLarge(f"Upload-Length {length} exceeds the maximum file size of {cap} "
                               "bytes", headers={"Connection": "close"})
+    if length is not None and length > reservations.max_file_size(el):
+        raise reservations.over_limit(el, length)
+
+
+async def check_pending(el: Element, sub: str, extra: int = 0) -> None:
+    """``UPLOAD_MAX_PENDING_BYTES``: what ``sub``'s unfinished uploads hold reserved (plus
+    ``extra`` not reserved yet) may not exceed it.  Called after each reservation of a
+    resumable upload is made (so two requests racing both see each other's: at worst
+    both are refused, never both let through), and with ``extra`` before one is made.
+
+    :raises InsufficientStorage: (507) -- the caller undoes the reservation it made."""
+    limit = el.config.upload_max_pending_bytes
+    if limit <= 0:
+        return
+    held = extra + (await repo_uploads.pending_bytes(el.db, sub) if extra <= limit else 0)
+    if held > limit:
+        raise InsufficientStorage(
+            f"Not enough capacity for this caller: its unfinished resumable uploads would "
+            f"hold {held} bytes, more than the {limit} one caller may hold "
+            "(UPLOAD_MAX_PENDING_BYTES); finish or terminate some first",
+            headers={"Connection": "close"})
+
+
+async def _grow(el: Element, up: ResumableUpload, reserved: int, need: int) -> int:
+    """Grow a deferred upload's reservation to cover ``need`` bytes, within the capacity
+    and the creator's ``UPLOAD_MAX_PENDING_BYTES`` (a refused growth is given back)."""
+    grown = await reservations.grow(el, up.transaction_id, reserved, need,
+                                    reservations.max_file_size(el))
+    while True:
+        try:
+            await check_pending(el, up.created_by_id)
+            return grown
+        except InsufficientStorage:
+            # a whole growth step is over the bound: just what is needed, else nothing
+            grown = need if grown > need else reserved
+            await asyncio.shield(repo_uploads.shrink_reservation(el.db, up.transaction_id,
+                                                                 grown))
+            if grown == reserved:
+                raise
 
 
 async def _declare_length(el: Element, lease: Lease, up: ResumableUpload,
@@ -117,6 +163,12 @@ async def _declare_length(el: Element, lease: Lease, up: ResumableUpload,
                          "already received")
     check_length(el, length)
     await reservations.reserve(el, up.transaction_id, length, insert=None)  # exactly that, now
+    try:
+        await check_pending(el, up.created_by_id)
+    except InsufficientStorage:
+        await asyncio.shield(repo_uploads.shrink_reservation(el.db, up.transaction_id,
+                                                             up.reserved_bytes))
+        raise
     if not await repo_uploads.declare_length(el.db, up.file_id, lease.owner, length):
         raise Unavailable(f"Upload {up.file_id} changed under the request; retry")
     up.upload_length, up.reserved_bytes = length, length
@@ -147,11 +199,11 @@ async def append_body(el: Element, hashes: Hashes | None, lease: Lease, up: Resu
     if body is None or req.content_length == 0:
         return progress
     stg = make_staging(el.backend)
-    hasher = hashes.get(up.file_id, up.upload_offset) if hashes is not None else None
+    hasher = hashes.get(up.transaction_id, up.upload_offset) if hashes is not None else None
     if hasher is None:
         hasher, progress.rehashed = await _rehash(el, stg, up), up.upload_offset > 0
         if hashes is not None:  # kept even if this request's bytes are refused
-            hashes.put(up.file_id, up.upload_offset, hasher.copy())
+            hashes.put(up.transaction_id, up.upload_offset, hasher.copy())
     session = await stg.open(up.file_id, up.upload_offset, up.staging)
     try:
         staging, received, reserved, cut = await _stage(el, lease, up, req, body, session,
@@ -174,7 +226,7 @@ async def append_body(el: Element, hashes: Hashes | None, lease: Lease, up: Resu
     finally:
         await session.close()
     if hashes is not None:
-        hashes.put(up.file_id, offset, hasher)
+        hashes.put(up.transaction_id, offset, hasher)
     up.upload_offset, up.staging, up.updated_at = offset, staging, now
     up.expires_at, up.reserved_bytes = expiry(el, now), max(reserved, up.reserved_bytes)
     progress.received = received
@@ -194,7 +246,6 @@ async def _stage(el: Element, lease: Lease, up: ResumableUpload, req: Append,
     feeds = [hasher] if check is None else [hasher, check]
     left = None if up.upload_length is None else up.upload_length - up.upload_offset
     received, reserved, cut = 0, up.reserved_bytes, None
-    cap = reservations.max_file_size(el)
     try:
         chunks = aiter(body)
         while True:
@@ -217,7 +268,7 @@ async def _stage(el: Element, lease: Lease, up: ResumableUpload, req: Append,
             if left is None:
                 check_length(el, total)
                 if total > reserved:
-                    reserved = await reservations.grow(el, up.transaction_id, reserved, total, cap)
+                    reserved = await _grow(el, up, reserved, total)
             await session.write(chunk, feeds)
             lease.check()
         if cut is not None and (not keep_partial or check is not None or received == 0):
@@ -262,7 +313,7 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
     if up.wal_status != "committed":
         if await repo.get_file(el.db, up.file_id) is not None:  # taken meanwhile
             await _refuse_completion(el, hashes, up, lease, published=False)
-        hasher = hashes.get(up.file_id, up.upload_offset) if hashes is not None else None
+        hasher = hashes.get(up.transaction_id, up.upload_offset) if hashes is not None else None
         if hasher is None:
             hasher = await _rehash(el, stg, up)
         meta = file_meta(up, hasher.hexdigest())
@@ -277,10 +328,14 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
             await uploads.finish(el, meta, up.transaction_id)
         except Conflict:
             await _refuse_completion(el, hashes, up, lease, published=True)
-        except (BadRequest, uploads.Abandoned):
+        except (BadRequest, uploads.Abandoned) as exc:
             # the element left the upload modes (or recovery resolved the intent): the
             # published file goes again; the staged upload stays for a later attempt
             await _quietly(el.backend.delete(up.relative_path), f"remove {up.relative_path}")
+            if isinstance(exc, BadRequest):
+                raise BadRequest(f"{exc.detail}: the upload's {up.upload_offset} bytes are "
+                                 "kept; it becomes a file once uploads are allowed again "
+                                 "(by the next HEAD or PATCH), or expires") from None
             raise
         await faults.point(el, "tus.after_finish")
     now = utcnow()
@@ -289,7 +344,7 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
     up.completed_at, up.upload_offset, up.staging = now, up.upload_length or 0, {}
     up.wal_status, up.expires_at = "committed", expiry(el, now)
     if hashes is not None:
-        hashes.drop(up.file_id)
+        hashes.drop(up.transaction_id)
     await _quietly(stg.discard(up.file_id), f"remove the staged bytes of {up.file_id}")
 
 
@@ -311,7 +366,7 @@ async def remove(el: Element, hashes: Hashes | None, up: ResumableUpload, lease:
     await repo_uploads.remove(el.db, up.file_id, lease.owner, reason, utcnow())
     lease.given_up()
     if hashes is not None:
-        hashes.drop(up.file_id)
+        hashes.drop(up.transaction_id)
     await make_staging(el.backend).discard(up.file_id)
 
 

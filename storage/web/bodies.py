@@ -102,15 +102,26 @@ class Pace:
         return cls(el.config.upload_read_timeout, el.config.upload_min_rate)
 
 
-async def body_chunks(request: web.Request, size: int, pace: Pace) -> AsyncIterator[bytes]:
-    """The raw body in pieces of ``size`` bytes (fewer executor hops than readany)."""
+async def body_chunks(request: web.Request, size: int, pace: Pace, *,
+                      partial: bool = False) -> AsyncIterator[bytes]:
+    """The raw body in pieces of ``size`` bytes (fewer executor hops than readany).
+
+    ``partial``: when the body breaks off (the client went away, or came too slowly),
+    the bytes gathered for the unfinished piece are handed over before the error (a
+    resumable upload keeps every byte that arrived), else they are dropped with it.
+    """
     content = request.content
     pieces: list[bytes] = []
     have = 0
     while True:
         # readany() hands over what arrived as it is; read(n) re-slices the buffer
         # to n bytes and measured at half the throughput (64 MiB: 0.33 s vs 0.17 s).
-        piece = await pace.wait(content.readany())
+        try:
+            piece = await pace.wait(content.readany())
+        except Exception:
+            if partial and have:
+                yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            raise
         pace.count(len(piece))
         if piece:
             pieces.append(piece)

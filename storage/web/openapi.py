@@ -35,8 +35,9 @@ STATUS_TEXT = {
     405: "Method not allowed (tus: an X-HTTP-Method-Override other than HEAD, PATCH, "
          "DELETE)",
     408: "The client sent the body too slowly (UPLOAD_READ_TIMEOUT, UPLOAD_MIN_RATE)",
-    409: "Conflict: duplicate file id, a mode transition that is not allowed, or a tus "
-         "Upload-Offset that is not the upload's offset",
+    409: "Conflict: duplicate file id (or one an unfinished resumable upload holds), a mode "
+         "transition that is not allowed, or a tus Upload-Offset that is not the upload's "
+         "offset",
     412: "A precondition failed: If-Match, or (tus) Tus-Resumable missing or not 1.0.0",
     413: "Body or file larger than allowed (for files: only when STORAGE_MAX_FILE_SIZE is "
          "set; a file that cannot fit the element is 507)",
@@ -516,8 +517,14 @@ def _tus_paths() -> dict[str, Any]:
                                              "Upload-Checksum")],
                 body={"required": False, "content": OCTETS},
                 description="Allowed in edit and rw modes. The declared length is reserved "
-                "now (507 when it cannot fit; 413 only over STORAGE_MAX_FILE_SIZE). Location "
-                "is /api/v1/uploads/{file_id}, the id the finished file gets."),
+                "now (507 when it cannot fit, or when the caller's unfinished uploads would "
+                "hold more than UPLOAD_MAX_PENDING_BYTES; 413 only over "
+                "STORAGE_MAX_FILE_SIZE). Location is /api/v1/uploads/{file_id}, the id the "
+                "finished file gets, under PUBLIC_BASE_URL, else the request's scheme and "
+                "Host (a proxy's Forwarded or X-Forwarded-Proto/-Host only with "
+                "TRUST_FORWARDED_HEADERS); a Host that cannot form a URL is 400, before "
+                "anything is created. A file_id chosen in Upload-Metadata is held by the "
+                "upload until it ends: any other upload of that id gets 409."),
         },
         "/api/v1/uploads/{file_id}": {
             "head": op("Offset of a resumable upload", {
@@ -527,7 +534,9 @@ def _tus_paths() -> dict[str, Any]:
                     "Upload-Metadata": {"schema": STR}, "Cache-Control": {"schema": STR}})},
                 **errors(401, 403, 404, 412, 503)},
                 tags=tus, op_id="tus_head", params=item + [TUS_HEADERS["Tus-Resumable"]],
-                description="Only the creator (token sub) or an admin."),
+                description="Only the creator (token sub) or an admin; anyone else gets "
+                "404, as for an unknown upload. A full upload is made a file here when the "
+                "mode allows uploads; in other modes HEAD only reports its offset."),
             "patch": op("Append to a resumable upload", {
                 "204": {"description": "Stored durably; the new offset", "headers": _headers(
                     TUS_RESPONSE)},
@@ -538,7 +547,8 @@ def _tus_paths() -> dict[str, Any]:
                 body={"required": True, "content": OCTETS},
                 description="Acknowledged only once the bytes are durable. The last byte "
                 "makes the upload an ordinary file (same id). Upload-Length only for a "
-                "deferred length."),
+                "deferred length. A body at the end of a complete upload is 413. A body cut "
+                "short keeps every byte that arrived (unless Upload-Checksum was sent)."),
             "delete": op("Terminate a resumable upload", {
                 "204": {"description": "Terminated: staged bytes and reservation gone (a "
                         "finished upload's file stays)", "headers": _headers(

@@ -35,7 +35,8 @@ def setup_routes(app: web.Application) -> None:
         web.patch("/api/v1/uploads/{file_id}", tus.patch, name="tus_patch",
                   expect_handler=tus.expect),
         web.delete("/api/v1/uploads/{file_id}", tus.terminate, name="tus_delete"),
-        web.post("/api/v1/uploads/{file_id}", tus.override, name="tus_override"),
+        web.post("/api/v1/uploads/{file_id}", tus.override, name="tus_override",
+                 expect_handler=tus.expect),
     ])
     app.add_routes([
         web.get("/api/v1/info", ops.info, name="info"),

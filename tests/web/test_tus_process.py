@@ -6,6 +6,7 @@ element taking alternate PATCHes, and flat memory (``-m heavy``: 2 GiB in 8 MiB 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
+from helpers import BOTH_BACKENDS
 from server_proc import rss_kib
 from tus_helpers import OCTETS, ROOT, TUS
 from tusclient.client import TusClient
@@ -23,6 +25,22 @@ from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 from yarl import URL
 
 KIB, MIB = 1024, 1024 * 1024
+
+
+@pytest.fixture
+def kind_env(request, server_env, storage_kind) -> dict[str, str]:
+    """``server_env`` on the backend of ``storage_kind`` (SeaweedFS for ``s3``)."""
+    env = dict(server_env)
+    if storage_kind == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        env.update({
+            "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": endpoint.endpoint_url,
+            "STORAGE_S3_ACCESS_KEY_ID": endpoint.access_key,
+            "STORAGE_S3_SECRET_ACCESS_KEY": endpoint.secret_key,
+            "STORAGE_S3_BUCKET_NAME": request.getfixturevalue("s3_bucket"),
+            "STORAGE_S3_REGION": endpoint.region, "STORAGE_S3_APP_FOLDER": "se",
+            "STORAGE_S3_MULTIPART_THRESHOLD": str(5 * MIB)})
+    return env
 
 
 def _file(server, headers, upload_url: str) -> dict:
@@ -105,6 +123,39 @@ def test_two_processes_take_alternate_patches(server_factory, server_env, auth, 
     assert rehashes == patches - 1
 
 
+@BOTH_BACKENDS
+def test_a_hash_belongs_to_one_upload_not_to_its_file_id(storage_kind, server_factory,
+                                                         kind_env, auth):
+    """Issue 23, finding 1: process one keeps the running sha256 of an upload that process
+    two terminates and creates again under the same client-chosen id; the next PATCH in
+    process one must not continue the old upload's hash."""
+    headers, fid = {**auth(), **TUS}, str(uuid.uuid4())
+    one, two = server_factory(kind_env), server_factory(kind_env)
+    meta = {"Upload-Metadata": f"file_id {base64.b64encode(fid.encode()).decode()}"}
+
+    def create(server) -> str:
+        resp = requests.post(server.url + ROOT, timeout=10, headers={
+            **headers, **meta, "Upload-Length": "20"})
+        assert resp.status_code == 201, resp.text
+        return URL(resp.headers["Location"]).path
+
+    def patch(server, path: str, offset: int, data: bytes) -> None:
+        resp = requests.patch(server.url + path, data=data, timeout=10, headers={
+            **headers, **OCTETS, "Upload-Offset": str(offset)})
+        assert resp.status_code == 204, resp.text
+
+    path = create(one)
+    patch(one, path, 0, b"X" * 10)  # process one now holds the hash of X*10 at offset 10
+    resp = requests.delete(two.url + path, headers=headers, timeout=10)
+    assert resp.status_code == 204, resp.text
+    assert create(two) == path
+    patch(two, path, 0, b"Y" * 10)
+    patch(one, path, 10, b"Z" * 10)
+    data = b"Y" * 10 + b"Z" * 10
+    assert _download(one, auth(), path) == data
+    assert _file(one, auth(), path)["checksum"] == hashlib.sha256(data).hexdigest()
+
+
 def _metric(server, name: str) -> float:
     text = requests.get(f"{server.url}/metrics", timeout=10).text
     return next(float(line.split()[1]) for line in text.splitlines()
@@ -159,6 +210,40 @@ async def test_a_body_cut_short_keeps_what_arrived(server_factory, server_env, a
     assert 0 < offset <= 3 * MIB // 2
     staged = Path(server_env["STORAGE_LOCAL_BASE_PATH"]) / ".resumable" / path.rsplit("/")[-1]
     assert staged.stat().st_size == offset
+    resp = requests.patch(location, data=data[offset:], timeout=30, headers={
+        **headers, **OCTETS, "Upload-Offset": str(offset)})
+    assert resp.status_code == 204, resp.text
+    assert _file(server, headers, location)["checksum"] == hashlib.sha256(data).hexdigest()
+
+
+@BOTH_BACKENDS
+async def test_an_interrupted_patch_keeps_every_byte_that_arrived(storage_kind,
+                                                                  server_factory, kind_env,
+                                                                  auth):
+    """Issue 23, finding 10: 1,000,000 bytes arrive (less than UPLOAD_CHUNK_SIZE, 1 MiB)
+    and the connection drops: all of them are staged, made durable and counted."""
+    server, headers = server_factory(kind_env), {**auth(), **TUS}
+    data = os.urandom(3 * MIB)
+    created = requests.post(server.url + ROOT, headers={**headers, "Upload-Length": str(
+        len(data))}, timeout=10)
+    location, sent = created.headers["Location"], 1_000_000
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {
+        **headers, **OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)),
+        "Host": f"127.0.0.1:{server.port}"}.items())
+    writer.write(f"PATCH {URL(location).path} HTTP/1.1\r\n{head}\r\n".encode() + data[:sent])
+    await writer.drain()
+    await asyncio.sleep(0.5)  # let the server read what was sent
+    writer.close()
+    await writer.wait_closed()
+    offset = 0
+    for _ in range(200):  # the server finishes the request after the client left
+        offset = int(requests.head(location, headers=headers, timeout=10)
+                     .headers["Upload-Offset"])
+        if offset:
+            break
+        await asyncio.sleep(0.05)
+    assert offset == sent
     resp = requests.patch(location, data=data[offset:], timeout=30, headers={
         **headers, **OCTETS, "Upload-Offset": str(offset)})
     assert resp.status_code == 204, resp.text

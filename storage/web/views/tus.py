@@ -32,7 +32,7 @@ from ...errors import (
     render,
 )
 from ...observability.metrics import metrics_key
-from .. import bodies, tusproto
+from .. import bodies, origin, tusproto
 from ..tusproto import CHECKSUMS, EXTENSIONS, OFFSET_OCTETS, TUS_VERSION
 from .files import require_mode
 
@@ -59,16 +59,18 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
     el = element(request)
     try:
         pace = bodies.Pace.of(el)
-        async for chunk in bodies.body_chunks(request, el.config.upload_chunk_size, pace):
+        async for chunk in bodies.body_chunks(request, el.config.upload_chunk_size, pace,
+                                              partial=True):
             yield chunk
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError) as exc:
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise ClientGone(f"The upload body ended early: {reason.strip()[:200]}") from None
 
 
-def _location(request: web.Request, file_id: uuid.UUID) -> str:
-    """Absolute: aiotus cannot resolve a relative ``Location``."""
-    return str(request.url.origin().with_path(f"{ROOT}/{file_id}"))
+def _location(base: str, file_id: uuid.UUID) -> str:
+    """Absolute (aiotus cannot resolve a relative ``Location``), from
+    :func:`origin.base_url`, which is checked before the upload is created."""
+    return f"{base}{ROOT}/{file_id}"
 
 
 def _count(request: web.Request, progress: resumable.Progress) -> None:
@@ -101,6 +103,7 @@ async def create(request: web.Request) -> web.Response:
     require_mode(el, "upload")
     req = resumable.Creation(tusproto.creation_length(request.headers),
                              tusproto.file_fields(request.headers.get("Upload-Metadata")))
+    base = origin.base_url(request, el.config)  # 400 now, before anything is created
     chunk = _is_chunk(request)
     checksum = tusproto.upload_checksum(request.headers) if chunk else None
     progress = await resumable.create(
@@ -109,7 +112,7 @@ async def create(request: web.Request) -> web.Response:
     request.app[metrics_key].tus_started.inc()
     _count(request, progress)
     up = progress.upload
-    headers = {hdrs.LOCATION: _location(request, up.file_id),
+    headers = {hdrs.LOCATION: _location(base, up.file_id),
                "Upload-Expires": tusproto.http_date(up.expires_at)}
     if chunk:
         headers["Upload-Offset"] = str(up.upload_offset)
@@ -173,14 +176,19 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     refused = await check_request_auth(request)
     if refused is not None:
         return refused
+    method = request.method
+    if "file_id" in request.match_info:  # POST …/{id}: the method it stands for
+        method = request.headers.get("X-HTTP-Method-Override", "").strip().upper() or method
     try:
         tusproto.check_version(request.headers)
         el = element(request)
-        require_mode(el, "upload")
-        if request.method == hdrs.METH_PATCH and not _is_chunk(request):
+        if method in (hdrs.METH_PATCH, hdrs.METH_POST):
+            require_mode(el, "upload")
+        if method == hdrs.METH_PATCH and not _is_chunk(request):
             raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_OCTETS}")
-        if request.method == hdrs.METH_POST:
+        if method == hdrs.METH_POST and "file_id" not in request.match_info:
             resumable.check_length(el, tusproto.creation_length(request.headers))
+            origin.base_url(request, el.config)
     except StorageError as exc:
         exc.headers.setdefault("Connection", "close")
         return render(exc)
