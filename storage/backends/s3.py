@@ -22,6 +22,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import Config
+from ..errors import Conflict
 from .base import (
     ATTR_SUFFIX,
     Backend,
@@ -112,6 +113,7 @@ class S3Writer(Writer):
         client, bucket = self._backend.client, self._backend.bucket
         if not self._upload_id:
             meta = {} if self._size_hint is None else {"original_size": str(self._size_hint)}
+            meta.update(self._owner())
             with translating("store the file"):
                 resp = await client.create_multipart_upload(
                     Bucket=bucket, Key=self._key, ContentType=self._content_type,
@@ -133,30 +135,59 @@ class S3Writer(Writer):
             self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": etag})
             self._inflight = None
 
+    def _owner(self) -> dict[str, str]:
+        return {"upload": self.tag} if self.tag else {}
+
     async def commit(self, attr: bytes | None = None) -> None:
         """Single put or complete the upload, then the attr object if given.
 
-        :raises StoreUnavailable: also if the key exists"""
+        :raises Conflict: another upload's object is at the key (412)
+        :raises StoreUnavailable: / NoSpace:"""
         if self._finished:
             raise StoreUnavailable("The upload was already committed or aborted")
         client, bucket = self._backend.client, self._backend.bucket
         with translating("store the file"):
-            if not self._upload_id:
-                meta = {"checksum": self.sha256, "original_size": str(self.size)}
-                self._buf.seek(0)
-                await client.put_object(Bucket=bucket, Key=self._key, Body=self._buf,
-                                        ContentType=self._content_type, Metadata=meta,
-                                        IfNoneMatch="*")
-            else:
-                if self._buf.tell():
-                    await self._ship()
-                await self._drain()
-                await client.complete_multipart_upload(
-                    Bucket=bucket, Key=self._key, UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts}, IfNoneMatch="*")
+            try:
+                if not self._upload_id:
+                    meta = {"checksum": self.sha256, "original_size": str(self.size),
+                            **self._owner()}
+                    self._buf.seek(0)
+                    self.landed = True  # from here on the object may be there
+                    await client.put_object(Bucket=bucket, Key=self._key, Body=self._buf,
+                                            ContentType=self._content_type, Metadata=meta,
+                                            IfNoneMatch="*")
+                else:
+                    if self._buf.tell():
+                        await self._ship()
+                    await self._drain()
+                    self.landed = True
+                    await client.complete_multipart_upload(
+                        Bucket=bucket, Key=self._key, UploadId=self._upload_id,
+                        MultipartUpload={"Parts": self._parts}, IfNoneMatch="*")
+            except ClientError as exc:
+                if not await self._landed_anyway(exc):
+                    raise
         self._finished, self._buf = True, io.BytesIO()
         if attr is not None:
             await self._backend.write_attr(self.relpath, attr)
+
+    async def _landed_anyway(self, exc: ClientError) -> bool:
+        """After a refused commit: True when the object at the key is this upload's own
+        (botocore retried a request whose response was lost: the retry meets the first
+        attempt's object, 412, or its completed upload, NoSuchUpload).
+
+        :raises Conflict: another upload's object is there (412)"""
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status != 412 and not (self._upload_id and code == "NoSuchUpload"):
+            return False
+        head = await self._backend._head(self._key)
+        if head is not None and self.tag and head.get("Metadata", {}).get("upload") == self.tag:
+            return True
+        if status != 412:
+            return False
+        self.landed = False  # refused: nothing of ours is at the key
+        raise Conflict(f"Another file is stored at {self.relpath}") from None
 
     async def abort(self) -> None:
         """Cancel the part in flight, abort the upload; idempotent.  Never raises: a failed
@@ -174,6 +205,7 @@ class S3Writer(Writer):
             try:
                 await self._backend.abort_upload(self._key, self._upload_id)
             except StoreUnavailable as exc:
+                self.left = True  # the caller keeps the intent naming it for recovery
                 log.warning("Left upload %s of %s: %s", self._upload_id, self._key, exc.detail)
 
 
@@ -289,10 +321,18 @@ class S3Backend(Backend):
             await self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
                                          ContentType="application/json")
 
-    async def delete(self, relpath: str) -> bool:
-        """Delete data then attr (an attr never outlives its data); True if data existed."""
+    async def delete(self, relpath: str, *, owner: str | None = None) -> bool:
+        """Delete data then attr (an attr never outlives its data); True if data existed.
+
+        With ``owner``: only if the data object is that upload's (its ``upload``
+        metadata; an object written before uploads were tagged counts as the owner's)."""
         key = self.key(relpath)
-        existed = await self._head(key) is not None
+        head = await self._head(key)
+        existed = head is not None
+        if owner is not None and head is not None \
+                and head.get("Metadata", {}).get("upload", owner) != owner:
+            log.warning("Left %s in place: another upload wrote it, not %s", key, owner)
+            return False
         with translating("delete the file"):
             await self.client.delete_object(Bucket=self.bucket, Key=key)
             await self.client.delete_object(Bucket=self.bucket, Key=key + ATTR_SUFFIX)
@@ -335,13 +375,15 @@ class S3Backend(Backend):
         from before its first part was sent, see :attr:`Writer.on_temp`)."""
         return bool(temp_name) and await self.abort_upload(self.key(relpath), temp_name)
 
-    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
-        """Abort multipart uploads under the app folder initiated ``older_than_s`` ago."""
+    async def remove_stray_temps(self, older_than_s: float = 0,
+                                 keep: frozenset[str] = frozenset()) -> int:
+        """Abort multipart uploads under the app folder initiated ``older_than_s`` ago,
+        except those ``keep`` names (a live upload may run for hours)."""
         cutoff, removed = datetime.now(UTC) - timedelta(seconds=older_than_s), 0
         paginator = self.client.get_paginator("list_multipart_uploads")
         with translating("list stale uploads"):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for up in page.get("Uploads", ()):
-                    if up["Initiated"] <= cutoff:
+                    if up["Initiated"] <= cutoff and up["UploadId"] not in keep:
                         removed += await self.abort_upload(up["Key"], up["UploadId"])
         return removed
