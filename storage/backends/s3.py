@@ -1,4 +1,5 @@
-"""S3 backend on aiobotocore: one client per backend, streamed multipart uploads.
+"""S3 backend on aiobotocore: two clients per backend (downloads' streams have their own
+connection pool), streamed multipart uploads.
 
 Keys are ``{app_folder}/{relpath}[.attr.json]``.  Objects below ``s3_multipart_threshold``
 take one ``put_object``; larger ones a multipart upload of threshold-sized parts, one part
@@ -234,7 +235,7 @@ class S3Reader(Reader):
             return
         missing, sent = f"Stored data at {self._key} is missing", 0
         with translating("read the file", missing=missing):
-            resp = await self._backend.client.get_object(
+            resp = await self._backend.streams.get_object(
                 Bucket=self._backend.bucket, Key=self._key, Range=f"bytes={start}-{end}")
             async with resp["Body"] as body:
                 if self._verify:
@@ -257,11 +258,14 @@ class S3Backend(Backend):
         self.bucket, self.folder = config.s3_bucket_name, config.s3_app_folder.strip("/")
         self.location, self.prefix = f"{self.bucket}/{self.folder}", self.folder + "/"
         self.part_size = max(config.s3_multipart_threshold, MIN_PART)
-        self._config, self._client, self._stack = config, None, contextlib.AsyncExitStack()
+        self._config, self._stack = config, contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._streams: Any = None
         self._boto_config = BotoConfig(
             region_name=config.s3_region, s3={"addressing_style": config.s3_addressing_style},
             retries={"max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=connect_timeout, read_timeout=read_timeout)
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            max_pool_connections=config.s3_max_connections)
 
     def key(self, relpath: str) -> str:
         """The object key of ``relpath``.  :raises ObjectMissing: on ``..``/empty segments"""
@@ -277,17 +281,31 @@ class S3Backend(Backend):
             raise StoreUnavailable("The S3 backend is not started")
         return self._client
 
+    @property
+    def streams(self) -> Any:
+        """The client of downloads' ranged GETs: a pool of its own, so connections that
+        slow readers hold never starve uploads, lookups or readiness (issue 24).
+        :raises StoreUnavailable: before :meth:`start`"""
+        if self._streams is None:
+            raise StoreUnavailable("The S3 backend is not started")
+        return self._streams
+
     async def start(self) -> None:
-        """Create the one client (no network traffic until the first request)."""
+        """Create the two clients (no network traffic until the first request)."""
         if self._client is None:
             cfg = self._config
-            self._client = await self._stack.enter_async_context(_session().create_client(
-                "s3", endpoint_url=cfg.s3_endpoint_url, region_name=cfg.s3_region,
-                aws_access_key_id=cfg.s3_access_key_id,
-                aws_secret_access_key=cfg.s3_secret_access_key, config=self._boto_config))
+
+            def make() -> Any:
+                return _session().create_client(
+                    "s3", endpoint_url=cfg.s3_endpoint_url, region_name=cfg.s3_region,
+                    aws_access_key_id=cfg.s3_access_key_id,
+                    aws_secret_access_key=cfg.s3_secret_access_key, config=self._boto_config)
+
+            self._client = await self._stack.enter_async_context(make())
+            self._streams = await self._stack.enter_async_context(make())
 
     async def close(self) -> None:
-        self._client = None
+        self._client = self._streams = None
         await self._stack.aclose()
 
     def create(self, relpath: str, size_hint: int | None = None, *,

@@ -5,9 +5,12 @@ waits or repeats a call) or real stalled clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from helpers import random_bytes, s3_client, s3_folder, sha256, stored_objects, wal_outcomes
@@ -116,3 +119,74 @@ async def test_a_later_upload_to_an_existing_key_is_409_and_removes_nothing(
                                   Key=s3_folder(config) + (await stored_objects(config))[0])
         assert sha256(await obj["Body"].read()) == sha256(first)
     assert len(await stored_objects(config)) == 2
+
+
+# --- finding 1: slow downloads must not freeze the process's S3 traffic ------------------
+
+
+async def stalled_reader(client, auth, fid: str) -> tuple[asyncio.StreamReader, Any]:
+    """A download whose client reads the response head and then nothing more (a tiny
+    receive buffer, so the element's writes block soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.server.host,
+                                                         client.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write((f"GET {url(fid, '/download')} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {auth()['Authorization']}\r\n\r\n").encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return reader, writer
+
+
+async def probe(client, auth, small: str) -> None:
+    """A small upload, a small download and readiness, each answered."""
+    resp = await client.put(url(str(uuid.uuid4())), data=b"k" * 1024, headers=auth())
+    assert resp.status == 201, await resp.text()
+    got = await client.get(url(small, "/download"), headers=auth())
+    assert got.status == 200 and await got.read() == b"small"
+    ready = await client.get("/health/ready")
+    assert ready.status == 200, await ready.text()
+
+
+async def test_stalled_downloads_do_not_block_uploads_downloads_or_readiness(client, auth):
+    """Twelve downloads whose clients stopped reading (botocore's default pool had ten
+    connections, and every one of them was held: the probe hung until they closed)."""
+    big = (await upload_raw(client, auth, random_bytes(24 * MIB)))
+    small = await upload_raw(client, auth, b"small")
+    stalled = [await stalled_reader(client, auth, big) for _ in range(12)]
+    try:
+        await asyncio.wait_for(probe(client, auth, small), 60)
+    finally:
+        for _reader, writer in stalled:
+            writer.transport.abort()
+
+
+async def test_a_stalled_download_is_cut_after_the_write_timeout(app_factory, auth):
+    """``DOWNLOAD_WRITE_TIMEOUT``: a client that takes no bytes for that long loses the
+    connection, so even more stalled readers than connections cannot starve downloads."""
+    client = await app_factory(download_write_timeout=1.0, s3_max_connections=3)
+    size = 24 * MIB
+    big = await upload_raw(client, auth, random_bytes(size))
+    stalled = [await stalled_reader(client, auth, big) for _ in range(3)]
+    try:
+        got = await asyncio.wait_for(client.get(url(big, "/download"), headers=auth()), 60)
+        assert got.status == 200 and len(await got.read()) == size
+        for reader, _writer in stalled:  # each was cut: what it reads now ends short
+            received = 0
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 60):
+                    received += len(chunk)
+            assert received < size
+    finally:
+        for _reader, writer in stalled:
+            writer.transport.abort()
+
+
+async def upload_raw(client, auth, data: bytes) -> str:
+    fid = str(uuid.uuid4())
+    resp = await client.put(url(fid), data=io.BytesIO(data), headers=auth())
+    assert resp.status == 201, await resp.text()
+    return fid
