@@ -60,6 +60,11 @@ RETURNING w.transaction_id;
 SELECT DISTINCT operation_data->>'temp_path' AS temp_path FROM <prefix>_wal
 WHERE status = 'pending' AND coalesce(operation_data->>'temp_path', '') <> '';
 
+-- name: pending_paths
+-- The storage paths pending intents (uploads, changes, removals) name
+SELECT DISTINCT operation_data->>'relative_path' AS relative_path FROM <prefix>_wal
+WHERE status = 'pending' AND operation_data ? 'relative_path';
+
 -- name: abandon_wal
 -- $1 transaction_id, $2 reason: its owner gave up on a pending upload but could not
 -- remove what it wrote (the store was down); the intent stays pending, naming it, for

@@ -43,6 +43,7 @@ HASH_IN_THREAD = 256 * 1024  # hash chunks at least this big off the event loop
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _SPACE = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage"}
 _SESSION: AioSession | None = None
+NOT_DATA = ("_resumable", ".quarantine")  # staged tus bytes, scrub's quarantine
 
 
 def _session() -> AioSession:
@@ -367,6 +368,31 @@ class S3Backend(Backend):
                 for obj in page.get("Contents", ()):
                     if obj["Key"].endswith(ATTR_SUFFIX):
                         yield obj["Key"][len(self.prefix):-len(ATTR_SUFFIX)]
+
+    async def iter_bare_data(self, older_than_s: float) -> AsyncIterator[str]:
+        """Data objects without their attr object (keys come sorted, and ``X.attr.json``
+        sorts soon after ``X``: only the data keys whose attr key is not yet passed are
+        held), last modified ``older_than_s`` ago or earlier."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        skip = tuple(f"{self.prefix}{d}/" for d in NOT_DATA)
+        waiting: dict[str, datetime] = {}  # data key -> last modified, attr not seen yet
+        paginator = self.client.get_paginator("list_objects_v2")
+        with translating("list the stored files"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    if key.startswith(skip):
+                        continue
+                    while waiting and (first := next(iter(waiting))) + ATTR_SUFFIX < key:
+                        if waiting.pop(first) <= cutoff:
+                            yield first[len(self.prefix):]
+                    if key.endswith(ATTR_SUFFIX):
+                        waiting.pop(key[:-len(ATTR_SUFFIX)], None)
+                    else:
+                        waiting[key] = obj["LastModified"]
+        for key, modified in waiting.items():
+            if modified <= cutoff:
+                yield key[len(self.prefix):]
 
     async def check(self) -> dict[str, Any]:
         """``head_bucket`` plus a one-key listing; never writes (upstream PUT ``.keep``)."""

@@ -149,6 +149,11 @@ async def pending_temps(db: Db) -> frozenset[str]:
     return frozenset(r["temp_path"] for r in await db.pool.fetch(db.q.pending_temps))
 
 
+async def pending_paths(db: Db) -> frozenset[str]:
+    """Storage paths that pending intents name (their objects may be half written)."""
+    return frozenset(r["relative_path"] for r in await db.pool.fetch(db.q.pending_paths))
+
+
 async def abandon_wal(db: Db, txid: uuid.UUID, reason: str) -> bool:
     """Leave a pending upload to recovery at once (see sql/wal.sql); False if not pending."""
     return await db.pool.fetchval(db.q.abandon_wal, txid, reason) is not None

@@ -12,15 +12,26 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
-from helpers import random_bytes, s3_client, s3_folder, sha256, stored_objects, wal_outcomes
+from helpers import (
+    random_bytes,
+    s3_client,
+    s3_folder,
+    s3_uploads,
+    sha256,
+    stored_objects,
+    wal_outcomes,
+)
 
+from storage.backends.base import StoreUnavailable
 from storage.backends.s3 import S3Backend, S3Writer
-from storage.domain import uploads
-from storage.domain.element import backend_key
+from storage.domain import maintenance, recovery, scan, uploads
+from storage.domain.element import backend_key, element_key
 
 pytestmark = pytest.mark.parametrize("storage_kind", ["s3"], indirect=True)
 MIB = 1024 * 1024
+PART = 5 * MIB  # the multipart threshold the fixtures configure
 
 
 def url(fid: str, suffix: str = "") -> str:
@@ -105,7 +116,6 @@ async def test_a_later_upload_to_an_existing_key_is_409_and_removes_nothing(
     resp = await client.put(url(fid) + "?filename=k.bin", data=first, headers=auth())
     assert resp.status == 201
     # the row goes behind the element's back (as if another element's database won)
-    import asyncpg
     conn = await asyncpg.connect(config.database_url)
     try:
         await conn.execute(f"DELETE FROM {config.table_prefix}_files")
@@ -190,3 +200,133 @@ async def upload_raw(client, auth, data: bytes) -> str:
     resp = await client.put(url(fid), data=io.BytesIO(data), headers=auth())
     assert resp.status == 201, await resp.text()
     return fid
+
+
+# --- finding 3: the stray-upload sweep spares live uploads --------------------------------
+
+
+async def test_the_sweep_never_aborts_an_upload_a_pending_intent_names(
+        client, auth, config, monkeypatch):
+    """An upload running longer than the sweep's grace (an hour; here 0 s) is alive while
+    its intent is pending.  Before: every periodic pass aborted it by age, and the upload
+    failed with 503 NoSuchUpload."""
+    monkeypatch.setattr(recovery, "TEMP_GRACE_S", 0.0)
+    fid = str(uuid.uuid4())
+    total = 2 * PART + 1000
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write((f"PUT {url(fid)} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {auth()['Authorization']}\r\n"
+                  f"Content-Length: {total}\r\n\r\n").encode() + b"x" * (PART + MIB))
+    await writer.drain()
+    for _ in range(400):  # the first part is on its way: the intent names its upload
+        if await named_temps(config):
+            break
+        await asyncio.sleep(0.05)
+    assert len(await named_temps(config)) == 1 and len(await s3_uploads(config)) == 1
+    report = await recovery.recover(client.app[element_key], alone=False)
+    assert report.temps_removed == 0
+    writer.write(b"x" * (total - PART - MIB))
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 201"), head
+    got = await client.get(url(fid, "/download"), headers=auth())
+    assert got.status == 200 and len(await got.read()) == total
+
+
+async def named_temps(config) -> list[str]:
+    """The temp names (multipart upload ids) pending intents name."""
+    conn = await asyncpg.connect(config.database_url)
+    try:
+        return [r[0] for r in await conn.fetch(
+            f"SELECT operation_data->>'temp_path' FROM {config.table_prefix}_wal "
+            "WHERE status = 'pending' AND operation_data->>'temp_path' <> ''")]
+    finally:
+        await conn.close()
+
+
+# --- finding 4: a failed commit leaves nothing behind ------------------------------------
+
+
+class FailingAttr(S3Backend):
+    async def write_attr(self, relpath, data):
+        raise StoreUnavailable("S3 error while trying to write the attribute file: injected")
+
+
+@pytest.mark.parametrize("size", [1000, 6 * MIB], ids=["single-put", "multipart"])
+async def test_a_failed_attr_put_removes_the_data_object(client, auth, config, pg_dsn,
+                                                         swap_backend, size):
+    """Before: the writer counted itself finished once the data object was in, so the
+    undo left it: no attr, no row, no pending intent, nothing would ever remove it."""
+    swap_backend(FailingAttr)
+    resp = await client.put(url(str(uuid.uuid4())), data=io.BytesIO(random_bytes(size)),
+                            headers=auth())
+    assert resp.status == 503, await resp.text()
+    assert await stored_objects(config) == []
+    assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
+
+
+class Resending:
+    """The S3 client, but every conditional commit is sent twice, as botocore retries a
+    request whose response was lost: the second meets the first's object."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    async def put_object(self, **kwargs):
+        if "IfNoneMatch" not in kwargs:
+            return await self._real.put_object(**kwargs)
+        await self._real.put_object(**kwargs)
+        kwargs["Body"].seek(0)
+        return await self._real.put_object(**kwargs)
+
+    async def complete_multipart_upload(self, **kwargs):
+        await self._real.complete_multipart_upload(**kwargs)
+        return await self._real.complete_multipart_upload(**kwargs)
+
+
+class LostResponses(S3Backend):
+    @property
+    def client(self):
+        return Resending(super().client)
+
+
+@pytest.mark.parametrize("size", [1000, 6 * MIB], ids=["single-put", "multipart"])
+async def test_a_commit_retried_after_a_lost_response_is_a_success(client, auth, config,
+                                                                   pg_dsn, swap_backend, size):
+    """Before: the retry's 412 (or NoSuchUpload) was a 503 and the object stayed."""
+    swap_backend(LostResponses)
+    data, fid = random_bytes(size), str(uuid.uuid4())
+    resp = await client.put(url(fid), data=io.BytesIO(data), headers=auth())
+    assert resp.status == 201, await resp.text()
+    got = await client.get(url(fid, "/download"), headers=auth())
+    assert got.status == 200 and sha256(await got.read()) == sha256(data)
+    assert len(await stored_objects(config)) == 2
+    assert await wal_outcomes(pg_dsn, config) == [("committed", 0)]
+
+
+async def test_check_counts_and_scrub_removes_data_objects_without_attr(
+        client, auth, config, monkeypatch):
+    """A data object a failed commit left (no attr, row or intent) past the grace: the
+    consistency report counts it, scrub removes it; a file's objects stay."""
+    monkeypatch.setattr(scan, "BARE_GRACE_S", 0.0)
+    kept = await upload_raw(client, auth, b"a real file")
+    bare = f"2026/12/08/01/left_tester_20261208T010203_{uuid.uuid4()}.bin"
+    async with s3_client(config) as s3:
+        await s3.put_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + bare,
+                            Body=b"orphan")
+    resp = await client.get("/api/v1/cache/consistency", headers=auth())
+    report = (await resp.json())["report"]
+    assert resp.status == 200 and report["orphan_data_count"] == 1, report
+    assert report["details"]["orphan_data_files"] == [bare] and not report["is_consistent"]
+    tally = await maintenance.scrub(client.app[element_key])
+    assert tally.counts["bare_data_removed"] == 1 and tally.counts["ok"] == 1
+    assert bare not in await stored_objects(config)
+    assert len(await stored_objects(config)) == 2
+    got = await client.get(url(kept, "/download"), headers=auth())
+    assert await got.read() == b"a real file"
+    resp = await client.get("/api/v1/cache/consistency", headers=auth())
+    assert (await resp.json())["report"]["is_consistent"]
