@@ -10,7 +10,6 @@ import io
 import socket
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import pytest
@@ -26,6 +25,7 @@ from helpers import (
 
 from storage.backends.base import StoreUnavailable
 from storage.backends.s3 import S3Backend, S3Writer
+from storage.config import ConfigError
 from storage.domain import maintenance, recovery, scan, uploads
 from storage.domain.element import backend_key, element_key
 
@@ -134,21 +134,21 @@ async def test_a_later_upload_to_an_existing_key_is_409_and_removes_nothing(
 # --- finding 1: slow downloads must not freeze the process's S3 traffic ------------------
 
 
-async def stalled_reader(client, auth, fid: str) -> tuple[asyncio.StreamReader, Any]:
+async def stalled_reader(client, auth, fid: str, stalled: list) -> None:
     """A download whose client reads the response head and then nothing more (a tiny
-    receive buffer, so the element's writes block soon)."""
+    receive buffer, so the element's writes block soon); added to ``stalled``."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (client.server.host,
                                                          client.server.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    stalled.append((reader, writer))
     writer.write((f"GET {url(fid, '/download')} HTTP/1.1\r\nHost: x\r\n"
                   f"Authorization: {auth()['Authorization']}\r\n\r\n").encode())
     await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
     assert head.startswith(b"HTTP/1.1 200"), head
-    return reader, writer
 
 
 async def probe(client, auth, small: str) -> None:
@@ -166,8 +166,10 @@ async def test_stalled_downloads_do_not_block_uploads_downloads_or_readiness(cli
     connections, and every one of them was held: the probe hung until they closed)."""
     big = (await upload_raw(client, auth, random_bytes(24 * MIB)))
     small = await upload_raw(client, auth, b"small")
-    stalled = [await stalled_reader(client, auth, big) for _ in range(12)]
+    stalled: list = []
     try:
+        for _ in range(12):
+            await stalled_reader(client, auth, big, stalled)
         await asyncio.wait_for(probe(client, auth, small), 60)
     finally:
         for _reader, writer in stalled:
@@ -180,8 +182,10 @@ async def test_a_stalled_download_is_cut_after_the_write_timeout(app_factory, au
     client = await app_factory(download_write_timeout=1.0, s3_max_connections=3)
     size = 24 * MIB
     big = await upload_raw(client, auth, random_bytes(size))
-    stalled = [await stalled_reader(client, auth, big) for _ in range(3)]
+    stalled: list = []
     try:
+        for _ in range(3):
+            await stalled_reader(client, auth, big, stalled)
         got = await asyncio.wait_for(client.get(url(big, "/download"), headers=auth()), 60)
         assert got.status == 200 and len(await got.read()) == size
         for reader, _writer in stalled:  # each was cut: what it reads now ends short
@@ -312,7 +316,7 @@ async def test_check_counts_and_scrub_removes_data_objects_without_attr(
         client, auth, config, monkeypatch):
     """A data object a failed commit left (no attr, row or intent) past the grace: the
     consistency report counts it, scrub removes it; a file's objects stay."""
-    monkeypatch.setattr(scan, "BARE_GRACE_S", 0.0)
+    monkeypatch.setattr(scan, "BARE_GRACE_S", 0.0, raising=False)
     kept = await upload_raw(client, auth, b"a real file")
     bare = f"2026/12/08/01/left_tester_20261208T010203_{uuid.uuid4()}.bin"
     async with s3_client(config) as s3:
@@ -330,3 +334,61 @@ async def test_check_counts_and_scrub_removes_data_objects_without_attr(
     assert await got.read() == b"a real file"
     resp = await client.get("/api/v1/cache/consistency", headers=auth())
     assert (await resp.json())["report"]["is_consistent"]
+
+
+# --- finding 5: one element's folder never nests in another's -----------------------------
+
+
+def test_a_nested_app_folder_is_refused(make_config):
+    """Folders ``se-a`` and ``se-a/nested`` in one bucket: the first element's listings
+    (sweep, rebuild, check) would take in the second's objects and uploads."""
+    with pytest.raises(ConfigError, match="STORAGE_S3_APP_FOLDER"):
+        make_config(s3_app_folder="se-a/nested")
+    with pytest.raises(ConfigError, match="STORAGE_S3_APP_FOLDER"):
+        make_config(s3_app_folder="/")
+    assert make_config(s3_app_folder="/se-a/").s3_app_folder == "/se-a/"  # edges stripped
+
+
+# --- minor: what a store outage leaves stays named for recovery ----------------------------
+
+
+class DownForAborts(S3Backend):
+    async def abort_upload(self, key, upload_id):
+        raise StoreUnavailable("S3 is unreachable while trying to abort the upload: injected")
+
+
+async def test_an_upload_whose_abort_failed_stays_named_for_recovery(
+        client, auth, config, pg_dsn, swap_backend):
+    """The store is down when a failed upload aborts its multipart upload.  Before: the
+    intent was rolled back anyway and only the hour-late age sweep found the upload.
+    Now the intent stays pending, abandoned (its reservation released), and the next
+    shared pass rolls it back and aborts exactly that upload."""
+    swap_backend(DownForAborts)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write((f"PUT {url(str(uuid.uuid4()))} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {auth()['Authorization']}\r\n"
+                  f"Content-Length: {64 * MIB}\r\n\r\n").encode() + b"x" * (PART + MIB))
+    await writer.drain()
+    for _ in range(400):
+        if await named_temps(config):
+            break
+        await asyncio.sleep(0.05)
+    writer.transport.abort()  # the client goes: the upload fails, its abort too
+    for _ in range(400):
+        if await wal_outcomes(pg_dsn, config) == [("pending", 0)]:
+            break
+        await asyncio.sleep(0.05)
+    assert await wal_outcomes(pg_dsn, config) == [("pending", 0)]
+    uploads_left = await s3_uploads(config)
+    assert len(uploads_left) == 1
+    swap_backend(S3Backend)  # the store is back
+    conn = await asyncpg.connect(pg_dsn)
+    try:  # older than a shared pass's five minutes, far younger than its 24 hours
+        await conn.execute(f"UPDATE {config.table_prefix}_wal "
+                           "SET started_at = started_at - interval '10 minutes'")
+    finally:
+        await conn.close()
+    report = await recovery.recover(client.app[element_key], alone=False)
+    assert (report.rolled_back, report.temps_removed) == (1, 0)
+    assert await s3_uploads(config) == []
+    assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
