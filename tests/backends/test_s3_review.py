@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+import tus_helpers as tus
+from botocore.exceptions import ClientError
 from helpers import (
     random_bytes,
     s3_client,
@@ -392,3 +394,53 @@ async def test_an_upload_whose_abort_failed_stays_named_for_recovery(
     assert (report.rolled_back, report.temps_removed) == (1, 0)
     assert await s3_uploads(config) == []
     assert await wal_outcomes(pg_dsn, config) == [("rolled_back", 0)]
+
+
+def injected(operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": "InternalError", "Message": "injected"},
+                        "ResponseMetadata": {"HTTPStatusCode": 500}}, operation)
+
+
+class FailingAssembly:
+    """The S3 client, but a multipart upload can be neither completed nor aborted."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    async def complete_multipart_upload(self, **kwargs):
+        raise injected("CompleteMultipartUpload")
+
+    async def abort_multipart_upload(self, **kwargs):
+        raise injected("AbortMultipartUpload")
+
+
+class DownAtAssembly(S3Backend):
+    @property
+    def client(self):
+        return FailingAssembly(super().client)
+
+
+async def test_a_failed_tus_completion_leaves_its_assembly_named_for_recovery(
+        client, auth, config, pg_dsn, swap_backend):
+    """The completion of a tus upload over S3 assembles the staged parts in a multipart
+    upload.  When it dies (here: the store fails the complete and the abort), that
+    upload is named by the tus intent, and recovery aborts it when it completes the
+    file.  Before: it was named nowhere and only the age sweep found it."""
+    data = random_bytes(1000)
+    path = await tus.create(client, auth(), length=len(data))
+    swap_backend(DownAtAssembly)
+    await tus.patch(client, auth(), path, 0, data, status=503)
+    assert len(await s3_uploads(config)) == 1
+    assert len(await named_temps(config)) == 1
+    swap_backend(S3Backend)
+    await tus.sql(pg_dsn, f"UPDATE {config.table_prefix}_wal "  # past a shared pass's 5 min
+                  "SET started_at = started_at - interval '10 minutes'")
+    report = await recovery.recover(client.app[element_key], alone=False)
+    assert report.uploads_completed == 1, report
+    assert await s3_uploads(config) == []
+    fid = path.rsplit("/", 1)[1]
+    got = await client.get(url(fid, "/download"), headers=auth())
+    assert got.status == 200 and await got.read() == data
