@@ -444,3 +444,47 @@ async def test_a_failed_tus_completion_leaves_its_assembly_named_for_recovery(
     fid = path.rsplit("/", 1)[1]
     got = await client.get(url(fid, "/download"), headers=auth())
     assert got.status == 200 and await got.read() == data
+
+
+class Overtaken:
+    """Run after this upload's commit: another writer's object replaces it at the key
+    (a second "winner" of a non-atomic conditional create) and another upload of the
+    id takes the row."""
+
+    then = None
+
+
+class OvertakenWriter(S3Writer):
+    async def commit(self, attr=None):
+        await super().commit(attr)
+        await Overtaken.then(self)
+
+
+class OvertakenCommits(S3Backend):
+    def create(self, relpath, size_hint=None, *, content_type=None):
+        return OvertakenWriter(self, relpath, size_hint, content_type)
+
+
+async def test_an_undo_never_removes_an_object_another_upload_wrote(
+        client, auth, config, swap_backend):
+    """Before: the upload that lost in the database deleted whatever was at its key."""
+    fid, foreign = str(uuid.uuid4()), b"the other winner's bytes"
+
+    async def then(writer):
+        swap_backend(S3Backend)
+        async with s3_client(config) as s3:
+            await s3.put_object(Bucket=config.s3_bucket_name,
+                                Key=s3_folder(config) + writer.relpath, Body=foreign,
+                                Metadata={"upload": str(uuid.uuid4())})
+        resp = await client.put(url(fid) + "?filename=other.bin", data=b"row", headers=auth())
+        assert resp.status == 201
+
+    Overtaken.then = then
+    swap_backend(OvertakenCommits)
+    resp = await client.put(url(fid) + "?filename=mine.bin", data=b"mine", headers=auth())
+    assert resp.status == 409, await resp.text()
+    mine = [p for p in await stored_objects(config) if "mine" in p]
+    assert len(mine) == 2 and mine[1].endswith(".attr.json")  # the data object stays
+    async with s3_client(config) as s3:
+        obj = await s3.get_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + mine[0])
+        assert await obj["Body"].read() == foreign
