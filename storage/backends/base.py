@@ -112,7 +112,8 @@ class Writer(abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, attr: bytes | None = None) -> None:
-        """Make the object durable and visible at ``relpath`` atomically.
+        """Make the object durable and visible at ``relpath`` atomically; never clobber
+        (:raises Conflict: another object is there).
 
         ``attr``, when given, is (re)placed as the object's attr document in the same
         step (the local backend then fsyncs the directory once for both).  The data

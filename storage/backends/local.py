@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import attrs
 from ..config import Config
+from ..errors import Conflict
 from .base import (
     ATTR_SUFFIX,
     Backend,
@@ -117,6 +118,8 @@ class LocalWriter(Writer):
     async def commit(self, attr: bytes | None = None) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._commit, attr)
+        except FileExistsError:
+            raise Conflict(f"Another file is stored at {self.relpath}") from None
         except OSError as exc:
             raise _translate(exc, "store the file") from exc
 
