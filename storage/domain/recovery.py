@@ -242,7 +242,7 @@ async def recover(el: Element, *, alone: bool) -> Report:
             await resolve(el, wal, report)
     report.uploads_swept = await resumable.sweep(el)
     # never a live upload's: a pending intent (plain or resumable) names its temp
-    keep = frozenset() if alone else await repo.pending_temps(el.db)
+    keep = await repo.pending_temps(el.db)
     report.temps_removed = await el.backend.remove_stray_temps(0 if alone else TEMP_GRACE_S,
                                                                keep)
     report.wal_purged = await repo.purge_wal(
