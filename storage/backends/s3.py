@@ -4,7 +4,11 @@ connection pool), streamed multipart uploads.
 Keys are ``{app_folder}/{relpath}[.attr.json]``.  Objects below ``s3_multipart_threshold``
 take one ``put_object``; larger ones a multipart upload of threshold-sized parts, one part
 uploading while the next fills (two part buffers alive).  Commits send ``If-None-Match: *``
-(never clobber).  Unlike upstream (reference §12, §8.4) the readiness probe never writes.
+(never clobber; a 412 is a :class:`Conflict`), and every object carries its upload's tag
+(``upload`` metadata, the WAL txid): SeaweedFS does not apply the condition atomically to
+concurrent completes, so an undo removes only an object whose tag is its own, and a commit
+that botocore retried after a lost response recognises its own object (issue 24).
+Unlike upstream (reference §12, §8.4) the readiness probe never writes.
 """
 
 from __future__ import annotations
