@@ -488,3 +488,17 @@ async def test_an_undo_never_removes_an_object_another_upload_wrote(
     async with s3_client(config) as s3:
         obj = await s3.get_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + mine[0])
         assert await obj["Body"].read() == foreign
+
+
+async def test_bare_data_listing_pairs_keys_that_sort_between_data_and_attr(client, config):
+    """``X-b`` and its attr sort between ``X`` and ``X.attr.json``; staged tus bytes and
+    the quarantine are not data objects."""
+    keys = ["d/X", "d/X-b", "d/X-b.attr.json", "d/X.attr.json", "d/Y", "d/Z", "d/Z.attr.json",
+            "_resumable/0/000000.chunk", ".quarantine/d/Q"]
+    async with s3_client(config) as s3:
+        for key in keys:
+            await s3.put_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + key,
+                                Body=b"x")
+    backend = client.app[backend_key]
+    assert [p async for p in backend.iter_bare_data(0)] == ["d/Y"]
+    assert [p async for p in backend.iter_bare_data(3600)] == []  # all too young
