@@ -205,6 +205,12 @@ class Config:
     s3_multipart_threshold: int = env(
         "STORAGE_S3_MULTIPART_THRESHOLD", _int(5 * 1024 * 1024), 8 * 1024 * 1024
     )
+    # connections of each of the two S3 clients (one for downloads' streams, one for the
+    # rest); a download holds one for as long as its client takes to read
+    s3_max_connections: int = env("STORAGE_S3_MAX_CONNECTIONS", _int(1, 10_000), 64)
+    # a streamed download whose client takes no bytes for this long is cut (its S3
+    # connection freed); the download twin of UPLOAD_READ_TIMEOUT
+    download_write_timeout: float = env("DOWNLOAD_WRITE_TIMEOUT", _float(0.1, 86400), 60.0)
     # uploads
     upload_chunk_size: int = env("UPLOAD_CHUNK_SIZE", _int(4096, 64 * 1024 * 1024), 1024 * 1024)
     io_threads: int = env("IO_THREADS", _int(1, 512), 32)  # file I/O and fsync run here
@@ -283,6 +289,13 @@ class Config:
             raise ConfigError(
                 "CAPACITY_WARNING_THRESHOLD <= CAPACITY_CRITICAL_THRESHOLD <= "
                 "CAPACITY_FULL_THRESHOLD must hold"
+            )
+        folder = self.s3_app_folder.strip("/")
+        if self.storage_type == "s3" and (not folder or "/" in folder):
+            raise ConfigError(
+                f"STORAGE_S3_APP_FOLDER={self.s3_app_folder!r} is invalid: use one non-empty "
+                "path segment without '/' (a folder nested in another element's folder "
+                "would mix their objects and uploads)"
             )
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
             raise ConfigError(

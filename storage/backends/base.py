@@ -77,6 +77,17 @@ class Writer(abc.ABC):
     #: what recovery must discard.  A writer whose temp name is known from the start
     #: (local) never calls it.  If it raises, the write fails and the writer aborts.
     on_temp: Callable[[str], Awaitable[object]] | None = None
+    #: Set by the caller before the first write: names this upload (its WAL txid).  A
+    #: store without an atomic "create only if absent" (S3) stamps it on the object, so
+    #: an undo removes only what this upload wrote (:meth:`Backend.delete` ``owner``) and
+    #: a conditional write retried after a lost response recognises its own object.
+    tag: str | None = None
+    #: True once the data object may be visible at ``relpath`` (its commit was sent):
+    #: a failure from then on must remove it (``Backend.delete`` with ``owner=tag``).
+    landed: bool = False
+    #: True when :meth:`abort` could not remove the partial data (the store was down):
+    #: the caller leaves the intent that names :attr:`temp_name` to recovery.
+    left: bool = False
 
     @property
     def size(self) -> int:
@@ -101,7 +112,8 @@ class Writer(abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, attr: bytes | None = None) -> None:
-        """Make the object durable and visible at ``relpath`` atomically.
+        """Make the object durable and visible at ``relpath`` atomically; never clobber
+        (:raises Conflict: another object is there).
 
         ``attr``, when given, is (re)placed as the object's attr document in the same
         step (the local backend then fsyncs the directory once for both).  The data
@@ -177,8 +189,12 @@ class Backend(abc.ABC):
         """Atomically (re)place the attr document of ``relpath``."""
 
     @abc.abstractmethod
-    async def delete(self, relpath: str) -> bool:
-        """Remove data and attr; True if the data object existed.  Idempotent."""
+    async def delete(self, relpath: str, *, owner: str | None = None) -> bool:
+        """Remove data and attr; True if the data object existed.  Idempotent.
+
+        With ``owner`` (a :attr:`Writer.tag`), only if the data object is that upload's:
+        an object another upload wrote at the same key stays (False).  A store whose
+        creates never clobber (local) ignores it."""
 
     @abc.abstractmethod
     async def exists(self, relpath: str) -> bool: ...
@@ -196,9 +212,18 @@ class Backend(abc.ABC):
         """Free space the store reports, or None when it has no such notion (S3)."""
 
     @abc.abstractmethod
-    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
+    async def remove_stray_temps(self, older_than_s: float = 0,
+                                 keep: frozenset[str] = frozenset()) -> int:
         """Remove partial uploads left ``older_than_s`` seconds ago or earlier (temp
-        files, multipart uploads); return how many were removed."""
+        files, multipart uploads) except those named in ``keep`` (the temp names of
+        pending WAL intents: live uploads); return how many were removed."""
+
+    async def iter_bare_data(self, older_than_s: float) -> AsyncIterator[str]:
+        """Relative paths of data objects without an attr document, last written
+        ``older_than_s`` seconds ago or earlier (a commit that failed between the two);
+        resumable staging and quarantine are not data objects."""
+        return
+        yield
 
     @abc.abstractmethod
     async def discard_temp(self, relpath: str, temp_name: str) -> bool:

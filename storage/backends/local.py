@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import attrs
 from ..config import Config
+from ..errors import Conflict
 from .base import (
     ATTR_SUFFIX,
     Backend,
@@ -106,6 +107,7 @@ class LocalWriter(Writer):
         os.close(self._fd)
         self._fd = None
         link_with_attr(dirfd, self._tmp.name, dirfd, self._final.name, attr)
+        self.landed = True  # both or neither: a link never clobbers another upload's
         os.unlink(self._tmp.name, dir_fd=dirfd)
         self._done = True
         # one directory sync makes both names durable (shared with concurrent commits)
@@ -116,6 +118,8 @@ class LocalWriter(Writer):
     async def commit(self, attr: bytes | None = None) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._commit, attr)
+        except FileExistsError:
+            raise Conflict(f"Another file is stored at {self.relpath}") from None
         except OSError as exc:
             raise _translate(exc, "store the file") from exc
 
@@ -227,7 +231,7 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _translate(exc, "write the attribute file") from exc
 
-    async def delete(self, relpath: str) -> bool:
+    async def delete(self, relpath: str, *, owner: str | None = None) -> bool:
         data, attr = self.path(relpath), self.path(relpath + ATTR_SUFFIX)
 
         def _delete() -> bool:
@@ -352,7 +356,8 @@ class LocalBackend(Backend):
             return False
         return True
 
-    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
+    async def remove_stray_temps(self, older_than_s: float = 0,
+                                 keep: frozenset[str] = frozenset()) -> int:
         cutoff = time.time() - older_than_s
 
         def sweep() -> int:
@@ -361,6 +366,8 @@ class LocalBackend(Backend):
                 for name in filenames:
                     if name.startswith(TEMP_PREFIX):
                         path = os.path.join(dirpath, name)
+                        if path in keep:
+                            continue
                         try:
                             if os.lstat(path).st_mtime <= cutoff:
                                 os.unlink(path)

@@ -1,9 +1,14 @@
-"""S3 backend on aiobotocore: one client per backend, streamed multipart uploads.
+"""S3 backend on aiobotocore: two clients per backend (downloads' streams have their own
+connection pool), streamed multipart uploads.
 
 Keys are ``{app_folder}/{relpath}[.attr.json]``.  Objects below ``s3_multipart_threshold``
 take one ``put_object``; larger ones a multipart upload of threshold-sized parts, one part
 uploading while the next fills (two part buffers alive).  Commits send ``If-None-Match: *``
-(never clobber).  Unlike upstream (reference §12, §8.4) the readiness probe never writes.
+(never clobber; a 412 is a :class:`Conflict`), and every object carries its upload's tag
+(``upload`` metadata, the WAL txid): SeaweedFS does not apply the condition atomically to
+concurrent completes, so an undo removes only an object whose tag is its own, and a commit
+that botocore retried after a lost response recognises its own object (issue 24).
+Unlike upstream (reference §12, §8.4) the readiness probe never writes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import Config
+from ..errors import Conflict
 from .base import (
     ATTR_SUFFIX,
     Backend,
@@ -41,6 +47,7 @@ HASH_IN_THREAD = 256 * 1024  # hash chunks at least this big off the event loop
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 _SPACE = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage"}
 _SESSION: AioSession | None = None
+NOT_DATA = ("_resumable", ".quarantine")  # staged tus bytes, scrub's quarantine
 
 
 def _session() -> AioSession:
@@ -112,6 +119,7 @@ class S3Writer(Writer):
         client, bucket = self._backend.client, self._backend.bucket
         if not self._upload_id:
             meta = {} if self._size_hint is None else {"original_size": str(self._size_hint)}
+            meta.update(self._owner())
             with translating("store the file"):
                 resp = await client.create_multipart_upload(
                     Bucket=bucket, Key=self._key, ContentType=self._content_type,
@@ -133,30 +141,59 @@ class S3Writer(Writer):
             self._parts.append({"PartNumber": len(self._parts) + 1, "ETag": etag})
             self._inflight = None
 
+    def _owner(self) -> dict[str, str]:
+        return {"upload": self.tag} if self.tag else {}
+
     async def commit(self, attr: bytes | None = None) -> None:
         """Single put or complete the upload, then the attr object if given.
 
-        :raises StoreUnavailable: also if the key exists"""
+        :raises Conflict: another upload's object is at the key (412)
+        :raises StoreUnavailable: / NoSpace:"""
         if self._finished:
             raise StoreUnavailable("The upload was already committed or aborted")
         client, bucket = self._backend.client, self._backend.bucket
         with translating("store the file"):
-            if not self._upload_id:
-                meta = {"checksum": self.sha256, "original_size": str(self.size)}
-                self._buf.seek(0)
-                await client.put_object(Bucket=bucket, Key=self._key, Body=self._buf,
-                                        ContentType=self._content_type, Metadata=meta,
-                                        IfNoneMatch="*")
-            else:
-                if self._buf.tell():
-                    await self._ship()
-                await self._drain()
-                await client.complete_multipart_upload(
-                    Bucket=bucket, Key=self._key, UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts}, IfNoneMatch="*")
+            try:
+                if not self._upload_id:
+                    meta = {"checksum": self.sha256, "original_size": str(self.size),
+                            **self._owner()}
+                    self._buf.seek(0)
+                    self.landed = True  # from here on the object may be there
+                    await client.put_object(Bucket=bucket, Key=self._key, Body=self._buf,
+                                            ContentType=self._content_type, Metadata=meta,
+                                            IfNoneMatch="*")
+                else:
+                    if self._buf.tell():
+                        await self._ship()
+                    await self._drain()
+                    self.landed = True
+                    await client.complete_multipart_upload(
+                        Bucket=bucket, Key=self._key, UploadId=self._upload_id,
+                        MultipartUpload={"Parts": self._parts}, IfNoneMatch="*")
+            except ClientError as exc:
+                if not await self._landed_anyway(exc):
+                    raise
         self._finished, self._buf = True, io.BytesIO()
         if attr is not None:
             await self._backend.write_attr(self.relpath, attr)
+
+    async def _landed_anyway(self, exc: ClientError) -> bool:
+        """After a refused commit: True when the object at the key is this upload's own
+        (botocore retried a request whose response was lost: the retry meets the first
+        attempt's object, 412, or its completed upload, NoSuchUpload).
+
+        :raises Conflict: another upload's object is there (412)"""
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status != 412 and not (self._upload_id and code == "NoSuchUpload"):
+            return False
+        head = await self._backend._head(self._key)
+        if head is not None and self.tag and head.get("Metadata", {}).get("upload") == self.tag:
+            return True
+        if status != 412:
+            return False
+        self.landed = False  # refused: nothing of ours is at the key
+        raise Conflict(f"Another file is stored at {self.relpath}") from None
 
     async def abort(self) -> None:
         """Cancel the part in flight, abort the upload; idempotent.  Never raises: a failed
@@ -174,6 +211,7 @@ class S3Writer(Writer):
             try:
                 await self._backend.abort_upload(self._key, self._upload_id)
             except StoreUnavailable as exc:
+                self.left = True  # the caller keeps the intent naming it for recovery
                 log.warning("Left upload %s of %s: %s", self._upload_id, self._key, exc.detail)
 
 
@@ -202,7 +240,7 @@ class S3Reader(Reader):
             return
         missing, sent = f"Stored data at {self._key} is missing", 0
         with translating("read the file", missing=missing):
-            resp = await self._backend.client.get_object(
+            resp = await self._backend.streams.get_object(
                 Bucket=self._backend.bucket, Key=self._key, Range=f"bytes={start}-{end}")
             async with resp["Body"] as body:
                 if self._verify:
@@ -225,11 +263,14 @@ class S3Backend(Backend):
         self.bucket, self.folder = config.s3_bucket_name, config.s3_app_folder.strip("/")
         self.location, self.prefix = f"{self.bucket}/{self.folder}", self.folder + "/"
         self.part_size = max(config.s3_multipart_threshold, MIN_PART)
-        self._config, self._client, self._stack = config, None, contextlib.AsyncExitStack()
+        self._config, self._stack = config, contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._streams: Any = None
         self._boto_config = BotoConfig(
             region_name=config.s3_region, s3={"addressing_style": config.s3_addressing_style},
             retries={"max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=connect_timeout, read_timeout=read_timeout)
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            max_pool_connections=config.s3_max_connections)
 
     def key(self, relpath: str) -> str:
         """The object key of ``relpath``.  :raises ObjectMissing: on ``..``/empty segments"""
@@ -245,17 +286,31 @@ class S3Backend(Backend):
             raise StoreUnavailable("The S3 backend is not started")
         return self._client
 
+    @property
+    def streams(self) -> Any:
+        """The client of downloads' ranged GETs: a pool of its own, so connections that
+        slow readers hold never starve uploads, lookups or readiness (issue 24).
+        :raises StoreUnavailable: before :meth:`start`"""
+        if self._streams is None:
+            raise StoreUnavailable("The S3 backend is not started")
+        return self._streams
+
     async def start(self) -> None:
-        """Create the one client (no network traffic until the first request)."""
+        """Create the two clients (no network traffic until the first request)."""
         if self._client is None:
             cfg = self._config
-            self._client = await self._stack.enter_async_context(_session().create_client(
-                "s3", endpoint_url=cfg.s3_endpoint_url, region_name=cfg.s3_region,
-                aws_access_key_id=cfg.s3_access_key_id,
-                aws_secret_access_key=cfg.s3_secret_access_key, config=self._boto_config))
+
+            def make() -> Any:
+                return _session().create_client(
+                    "s3", endpoint_url=cfg.s3_endpoint_url, region_name=cfg.s3_region,
+                    aws_access_key_id=cfg.s3_access_key_id,
+                    aws_secret_access_key=cfg.s3_secret_access_key, config=self._boto_config)
+
+            self._client = await self._stack.enter_async_context(make())
+            self._streams = await self._stack.enter_async_context(make())
 
     async def close(self) -> None:
-        self._client = None
+        self._client = self._streams = None
         await self._stack.aclose()
 
     def create(self, relpath: str, size_hint: int | None = None, *,
@@ -289,10 +344,18 @@ class S3Backend(Backend):
             await self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
                                          ContentType="application/json")
 
-    async def delete(self, relpath: str) -> bool:
-        """Delete data then attr (an attr never outlives its data); True if data existed."""
+    async def delete(self, relpath: str, *, owner: str | None = None) -> bool:
+        """Delete data then attr (an attr never outlives its data); True if data existed.
+
+        With ``owner``: only if the data object is that upload's (its ``upload``
+        metadata; an object written before uploads were tagged counts as the owner's)."""
         key = self.key(relpath)
-        existed = await self._head(key) is not None
+        head = await self._head(key)
+        existed = head is not None
+        if owner is not None and head is not None \
+                and head.get("Metadata", {}).get("upload", owner) != owner:
+            log.warning("Left %s in place: another upload wrote it, not %s", key, owner)
+            return False
         with translating("delete the file"):
             await self.client.delete_object(Bucket=self.bucket, Key=key)
             await self.client.delete_object(Bucket=self.bucket, Key=key + ATTR_SUFFIX)
@@ -309,6 +372,31 @@ class S3Backend(Backend):
                 for obj in page.get("Contents", ()):
                     if obj["Key"].endswith(ATTR_SUFFIX):
                         yield obj["Key"][len(self.prefix):-len(ATTR_SUFFIX)]
+
+    async def iter_bare_data(self, older_than_s: float) -> AsyncIterator[str]:
+        """Data objects without their attr object (keys come sorted, and ``X.attr.json``
+        sorts soon after ``X``: only the data keys whose attr key is not yet passed are
+        held), last modified ``older_than_s`` ago or earlier."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        skip = tuple(f"{self.prefix}{d}/" for d in NOT_DATA)
+        waiting: dict[str, datetime] = {}  # data key -> last modified, attr not seen yet
+        paginator = self.client.get_paginator("list_objects_v2")
+        with translating("list the stored files"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    if key.startswith(skip):
+                        continue
+                    while waiting and (first := next(iter(waiting))) + ATTR_SUFFIX < key:
+                        if waiting.pop(first) <= cutoff:
+                            yield first[len(self.prefix):]
+                    if key.endswith(ATTR_SUFFIX):
+                        waiting.pop(key[:-len(ATTR_SUFFIX)], None)
+                    else:
+                        waiting[key] = obj["LastModified"]
+        for key, modified in waiting.items():
+            if modified <= cutoff:
+                yield key[len(self.prefix):]
 
     async def check(self) -> dict[str, Any]:
         """``head_bucket`` plus a one-key listing; never writes (upstream PUT ``.keep``)."""
@@ -335,13 +423,15 @@ class S3Backend(Backend):
         from before its first part was sent, see :attr:`Writer.on_temp`)."""
         return bool(temp_name) and await self.abort_upload(self.key(relpath), temp_name)
 
-    async def remove_stray_temps(self, older_than_s: float = 0) -> int:
-        """Abort multipart uploads under the app folder initiated ``older_than_s`` ago."""
+    async def remove_stray_temps(self, older_than_s: float = 0,
+                                 keep: frozenset[str] = frozenset()) -> int:
+        """Abort multipart uploads under the app folder initiated ``older_than_s`` ago,
+        except those ``keep`` names (a live upload may run for hours)."""
         cutoff, removed = datetime.now(UTC) - timedelta(seconds=older_than_s), 0
         paginator = self.client.get_paginator("list_multipart_uploads")
         with translating("list stale uploads"):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for up in page.get("Uploads", ()):
-                    if up["Initiated"] <= cutoff:
+                    if up["Initiated"] <= cutoff and up["UploadId"] not in keep:
                         removed += await self.abort_upload(up["Key"], up["UploadId"])
         return removed

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .base import Backend
+
+OnTemp = Callable[[str], Awaitable[object]]  # told the name of partial data (see publish)
 
 
 class Session(abc.ABC):
@@ -70,11 +72,14 @@ class Staging(abc.ABC):
     @abc.abstractmethod
     async def publish(self, file_id: uuid.UUID, offset: int, staging: dict[str, Any],
                       relpath: str, attr: bytes, *, content_type: str, checksum: str,
-                      tag: str) -> None:
+                      tag: str, on_temp: OnTemp | None = None) -> None:
         """Make the ``offset`` staged bytes the object at ``relpath`` and ``attr`` its attr
         document, atomically as a writer's commit does.  Never clobbers another object:
         one already there that an earlier attempt of this upload published (known by
-        ``tag``) is replaced, any other is :raises Conflict:."""
+        ``tag``) is replaced, any other is :raises Conflict:.  ``on_temp`` is awaited
+        with the name of partial data the publishing leaves while it runs (S3: the
+        assembling multipart upload), before any byte goes into it (as
+        :attr:`~storage.backends.base.Writer.on_temp`), so a WAL intent can name it."""
 
     @abc.abstractmethod
     async def discard(self, file_id: uuid.UUID) -> None:

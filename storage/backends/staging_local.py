@@ -20,7 +20,7 @@ from ..errors import Conflict
 from .base import ATTR_SUFFIX, StoreUnavailable
 from .fsutil import link_with_attr, open_dir
 from .local import LocalBackend, _translate
-from .staging import Session, Staging
+from .staging import OnTemp, Session, Staging
 
 DIRNAME = ".resumable"
 READ = 1024 * 1024
@@ -168,7 +168,7 @@ class LocalStaging(Staging):
 
     async def publish(self, file_id: uuid.UUID, offset: int, staging: dict[str, Any],
                       relpath: str, attr: bytes, *, content_type: str, checksum: str,
-                      tag: str) -> None:
+                      tag: str, on_temp: OnTemp | None = None) -> None:
         await self._run("store the file", self._publish, str(file_id), relpath, attr)
 
     def _discard(self, name: str) -> None:

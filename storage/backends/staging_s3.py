@@ -37,7 +37,7 @@ from botocore.exceptions import ClientError
 from ..errors import Conflict, PayloadTooLarge
 from .base import StoreUnavailable
 from .s3 import HASH_IN_THREAD, S3Backend, translating
-from .staging import Session, Staging
+from .staging import OnTemp, Session, Staging
 
 PREFIX = "_resumable"
 MAX_PARTS = 10_000
@@ -176,10 +176,10 @@ class S3Staging(Staging):
 
     async def publish(self, file_id: uuid.UUID, offset: int, staging: dict[str, Any],
                       relpath: str, attr: bytes, *, content_type: str, checksum: str,
-                      tag: str) -> None:
+                      tag: str, on_temp: OnTemp | None = None) -> None:
         sources, key = self._sources(file_id, offset, staging), self.backend.key(relpath)
         args = (key, sources, content_type,
-                {"checksum": checksum, "original_size": str(offset), "upload": tag})
+                {"checksum": checksum, "original_size": str(offset), "upload": tag}, on_temp)
         try:
             await self._assemble(*args)
         except _Exists:
@@ -192,7 +192,7 @@ class S3Staging(Staging):
         await self.backend.write_attr(relpath, attr)
 
     async def _assemble(self, key: str, sources: list[str], content_type: str,
-                        meta: dict[str, str]) -> None:
+                        meta: dict[str, str], on_temp: OnTemp | None) -> None:
         client, bucket = self.backend.client, self.backend.bucket
         with translating("store the file"):
             try:
@@ -204,6 +204,8 @@ class S3Staging(Staging):
                     Bucket=bucket, Key=key, ContentType=content_type, Metadata=meta)
                 upload_id = upload["UploadId"]
                 try:
+                    if on_temp is not None:  # named where recovery finds it (issue 24)
+                        await on_temp(upload_id)
                     parts = await self._copy_parts(key, upload_id, sources)
                     await client.complete_multipart_upload(
                         Bucket=bucket, Key=key, UploadId=upload_id,

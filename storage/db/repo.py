@@ -136,6 +136,29 @@ async def set_wal_temp(db: Db, txid: uuid.UUID, temp_path: str) -> bool:
     return await db.pool.fetchval(db.q.set_wal_temp, txid, temp_path) is not None
 
 
+async def claim_key(db: Db, txid: uuid.UUID, file_id: uuid.UUID, relpath: str) -> bool:
+    """The pending upload ``txid`` claims the storage key ``relpath``; False when another
+    pending upload of ``file_id`` holds it (claims of one key are serialised)."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        await conn.execute(db.q.lock_key, relpath)
+        return await conn.fetchval(db.q.claim_key, txid, file_id, relpath) is not None
+
+
+async def pending_temps(db: Db) -> frozenset[str]:
+    """Temp names (temp paths, multipart upload ids) that pending intents name."""
+    return frozenset(r["temp_path"] for r in await db.pool.fetch(db.q.pending_temps))
+
+
+async def pending_paths(db: Db) -> frozenset[str]:
+    """Storage paths that pending intents name (their objects may be half written)."""
+    return frozenset(r["relative_path"] for r in await db.pool.fetch(db.q.pending_paths))
+
+
+async def abandon_wal(db: Db, txid: uuid.UUID, reason: str) -> bool:
+    """Leave a pending upload to recovery at once (see sql/wal.sql); False if not pending."""
+    return await db.pool.fetchval(db.q.abandon_wal, txid, reason) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     status: str  # ok | exists | capacity | disk | gone

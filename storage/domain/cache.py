@@ -39,7 +39,16 @@ from ..errors import StorageError
 from ..models import FileMeta, utcnow
 from . import attrmeta, files, naming
 from .element import Element
-from .scan import BATCH, Errors, path_batches, read_doc, read_docs, to_row, unique_rows
+from .scan import (
+    BATCH,
+    Errors,
+    bare_data,
+    path_batches,
+    read_doc,
+    read_docs,
+    to_row,
+    unique_rows,
+)
 
 log = logging.getLogger(__name__)
 SKEW = timedelta(minutes=5)  # tolerated clock difference between app hosts and PostgreSQL
@@ -222,22 +231,27 @@ async def consistency(el: Element, *, batch: int = BATCH,
             orphan_attr = await repo_cache.scan_orphan_attr(conn, q, scan_id, horizon)
             expired = await repo_cache.scan_expired(conn, q)
             total_cache = await repo_cache.count_files(conn, q)
+            bare = [p async for p in bare_data(el)]
         finally:
             await repo_cache.scan_drop(conn, q, scan_id)
     total_attr = stats.attr_files_scanned
-    bad = orphan_cache[0] + orphan_attr[0]
+    bad = orphan_cache[0] + orphan_attr[0] + len(bare)
     return {
         "total_attr_files": total_attr,
         "total_cache_entries": total_cache,
         "orphan_cache_count": orphan_cache[0],
         "orphan_attr_count": orphan_attr[0],
         "expired_cache_count": expired[0],
+        # data objects without attr file, row or pending intent (a failed commit's):
+        # ``scrub`` removes them
+        "orphan_data_count": len(bare),
         "is_consistent": bad == 0,
         "inconsistency_percentage": round(bad / total_attr * 100, 2) if total_attr else 0.0,
         "details": {
             "orphan_cache_entries": orphan_cache[1],
             "orphan_attr_files": orphan_attr[1],
             "expired_cache_entries": expired[1],
+            "orphan_data_files": bare[:10],
         },
     }
 

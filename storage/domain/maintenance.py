@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import attrs
-from ..backends.base import ObjectMissing
+from ..backends.base import ATTR_SUFFIX, ObjectMissing
 from ..db import locks, repo
 from ..errors import StorageError
 from ..models import utcnow
 from .element import Element
-from .scan import QUARANTINE, path_batches, read_doc
+from .scan import QUARANTINE, bare_data, path_batches, read_doc
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -149,7 +149,7 @@ async def scrub(el: Element, *, move: bool = False, rate: float = 0,
     corrupt ones (checksum or size mismatch)."""
     tally, throttle = Tally(), Throttle(rate)
     for key in ("scanned", "bytes_checked", "ok", "corrupt", "size_mismatch", "missing_data",
-                "unreadable_attr", "quarantined"):
+                "unreadable_attr", "quarantined", "bare_data_removed"):
         tally.add(key, 0)
     async with locks.hold(el.db, locks.SCRUB, "scrub"):
         async for relpaths in path_batches(el, 100):
@@ -157,7 +157,26 @@ async def scrub(el: Element, *, move: bool = False, rate: float = 0,
                 await _scrub_one(el, relpath, tally, throttle, move)
                 if progress:
                     progress(tally)
+        await _remove_bare_data(el, tally)
     return tally
+
+
+async def _remove_bare_data(el: Element, tally: Tally) -> None:
+    """Remove data objects a failed commit left without attr, row or intent (see
+    :func:`storage.domain.scan.bare_data`); each is looked at again just before."""
+    async for relpath in bare_data(el):
+        if relpath in await repo.pending_paths(el.db):
+            continue  # an upload to this very path began meanwhile
+        try:
+            if await el.backend.exists(relpath + ATTR_SUFFIX):
+                continue  # its attr document arrived meanwhile
+            await el.backend.delete(relpath)
+        except StorageError as exc:
+            tally.problem("bare_data_failed", f"{relpath}: {exc.detail}")
+            continue
+        tally.add("bare_data_removed")
+        if len(tally.problems) < MAX_LISTED:
+            tally.problems.append(f"{relpath}: data without attr file removed")
 
 
 async def _scrub_one(el: Element, relpath: str, tally: Tally, throttle: Throttle,

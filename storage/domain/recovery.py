@@ -123,7 +123,7 @@ async def _resolve_create(el: Element, wal: WalEntry, report: Report) -> None:
                                     "recovered": "data and attr complete"}, conn)
         report.completed += 1
         return report.note(wal, "committed", "data and attr file complete, row inserted")
-    await el.backend.delete(relpath)
+    await el.backend.delete(relpath, owner=str(wal.transaction_id))  # not a rival's object
     await el.backend.discard_temp(relpath, str(wal.operation_data.get("temp_path") or ""))
     await _rollback(el, wal, f"incomplete upload removed ({found})")
     report.rolled_back += 1
@@ -236,11 +236,15 @@ async def recover(el: Element, *, alone: bool) -> Report:
         after = (rows[-1].started_at, rows[-1].transaction_id)
         for wal in rows:
             if (not alone and wal.operation_type == "file_create"
-                    and wal.started_at > now - STALE_CREATE):
-                continue
+                    and wal.started_at > now - STALE_CREATE
+                    and not wal.operation_data.get("abandoned")):
+                continue  # maybe a live upload; one its owner abandoned is not
             await resolve(el, wal, report)
     report.uploads_swept = await resumable.sweep(el)
-    report.temps_removed = await el.backend.remove_stray_temps(0 if alone else TEMP_GRACE_S)
+    # never a live upload's: a pending intent (plain or resumable) names its temp
+    keep = await repo.pending_temps(el.db)
+    report.temps_removed = await el.backend.remove_stray_temps(0 if alone else TEMP_GRACE_S,
+                                                               keep)
     report.wal_purged = await repo.purge_wal(
         el.db, utcnow() - timedelta(hours=el.config.wal_retention_hours))
     return report

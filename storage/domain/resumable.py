@@ -290,6 +290,9 @@ async def resolve(el: Element, wal: WalEntry, *, exclusive: bool) -> str | None:
     except Locked:
         return None
     try:
+        # a completion that died left its assembly (S3 multipart upload) named here
+        if left := str(wal.operation_data.get("temp_path") or ""):
+            await el.backend.discard_temp(up.relative_path, left)
         if _completable(el, up):
             try:
                 await steps.complete(el, None, lease, up)

@@ -7,6 +7,7 @@ the protocol.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -320,7 +321,9 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
         try:
             await stg.publish(up.file_id, up.upload_offset, up.staging, meta.relative_path,
                               uploads.attr_document(meta), content_type=meta.content_type,
-                              checksum=meta.checksum, tag=str(up.transaction_id))
+                              checksum=meta.checksum, tag=str(up.transaction_id),
+                              on_temp=functools.partial(repo.set_wal_temp, el.db,
+                                                        up.transaction_id))
         except Conflict:  # another file has the very name: it must stay
             await _refuse_completion(el, hashes, up, lease, published=False)
         await faults.point(el, "tus.after_publish")

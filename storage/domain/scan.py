@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from .. import attrs
 from ..backends.base import ATTR_SUFFIX, ObjectMissing
+from ..db import repo
 from ..errors import StorageError
 from ..models import FileMeta
-from . import attrmeta
+from . import attrmeta, naming
 from .element import Element
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ QUARANTINE = ".quarantine"  # scrub moves corrupt objects here; never part of th
 BATCH = 500
 READ_CONCURRENCY = 16
 MAX_ERRORS_REPORTED = 10
+# A data object stays without its attr document for a moment while its upload commits
+# (S3: two PUTs); one older than this, with no row and no pending intent, was left by a
+# commit that failed between the two and nothing else will ever remove it.
+BARE_GRACE_S = 600.0
 # Cache column widths (migrations/0001): a document over them is reported, not a 500.
 _WIDTHS = {"original_filename": 500, "storage_filename": 500, "content_type": 255,
            "created_by_id": 255, "created_by_username": 255, "created_by_fullname": 500,
@@ -133,3 +138,19 @@ def unique_rows(rows: list[FileMeta], errors: Errors) -> list[FileMeta]:
         ids[m.file_id] = m
         names.add(m.storage_filename)
     return list(ids.values())
+
+
+async def bare_data(el: Element, grace_s: float | None = None) -> AsyncIterator[str]:
+    """Data objects without an attr document, older than ``grace_s`` (default
+    :data:`BARE_GRACE_S`), that no pending intent names and no row points at: leftovers
+    of failed commits (issue 24).  A row without its attr file is another problem (the
+    consistency report's orphan rows), so such an object is not listed."""
+    busy = await repo.pending_paths(el.db)
+    async for relpath in el.backend.iter_bare_data(
+            BARE_GRACE_S if grace_s is None else grace_s):
+        if relpath in busy:
+            continue
+        file_id = naming.extract_file_id(posixpath.basename(relpath))
+        row = await repo.get_file(el.db, file_id) if file_id else None
+        if row is None or row.relative_path != relpath:
+            yield relpath

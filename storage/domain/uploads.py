@@ -199,6 +199,7 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
     writer = el.backend.create(meta.relative_path, spec.declared_size,
                                content_type=meta.content_type)
     writer.on_temp = functools.partial(repo.set_wal_temp, el.db, txid)
+    writer.tag = str(txid)  # an undo removes only an object this upload wrote
     intent = {
         "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
         "data": {
@@ -218,6 +219,8 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
     await faults.point(el, "upload.after_intent")
     visible = committing = False
     try:
+        if spec.file_id is not None:
+            await _refuse_rival(el, txid, meta)
         async with writer:
             if "md5" in spec.digests:
                 writer.hasher.enable_md5()
@@ -243,9 +246,19 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
             log.warning("upload %s: the database commit may or may not have happened "
                         "(%r); WAL %s left pending for recovery", meta.file_id, exc, txid)
             raise
-        await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
+        await asyncio.shield(_undo(el, meta, txid, exc, writer,
+                                   remove_data=visible or writer.landed))
         raise
     return meta
+
+
+async def _refuse_rival(el: Element, txid: uuid.UUID, meta: FileMeta) -> None:
+    """409 when another upload of this id to the same storage key (the same name, user
+    and second) is under way: two writers of one key clobber each other on a store
+    without atomic conditional creates (SeaweedFS completes both), and the loser's undo
+    would remove the winner's object.  Only an id the client chose can collide."""
+    if not await repo.claim_key(el.db, txid, meta.file_id, meta.relative_path):
+        raise Conflict(f"File with ID {meta.file_id} is being uploaded by another request")
 
 
 def _commit_refused(exc: BaseException) -> bool:
@@ -298,11 +311,22 @@ class Abandoned(StorageError):
 
 
 async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
-                *, remove_data: bool) -> None:
+                writer: Writer, *, remove_data: bool) -> None:
+    """Remove what this upload wrote and roll its intent back.  What cannot be removed
+    (the store is down) stays named by the intent, left pending and marked abandoned so
+    the next recovery pass removes it (its reservation is released now)."""
     reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
     try:
-        if remove_data:
-            await el.backend.delete(meta.relative_path)
-        await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
+        try:
+            if remove_data:
+                await el.backend.delete(meta.relative_path, owner=writer.tag)
+        except StorageError as failed:
+            writer.left = True
+            log.warning("upload %s: could not remove its data (%s)", meta.file_id,
+                        failed.detail)
+        if writer.left:
+            await repo.abandon_wal(el.db, txid, reason)
+        else:
+            await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
     except Exception:  # recovery will resolve the pending row; never mask the real error
         log.exception("could not roll back upload %s (WAL %s)", meta.file_id, txid)

@@ -23,6 +23,7 @@ from storage.backends.base import Backend, NoSpace, ObjectMissing, StoreUnavaila
 from storage.backends.local import TEMP_PREFIX, LocalBackend
 from storage.backends.s3 import S3Backend, translating
 from storage.config import Config
+from storage.errors import Conflict
 
 MIB = 1024 * 1024
 
@@ -170,7 +171,7 @@ async def test_exception_inside_block_aborts(backend):
 
 async def test_commit_never_clobbers(backend):
     await store(backend, rel(), b"first")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(Conflict):  # 409: another file has the name (issue 24)
         await store(backend, rel(), b"second")
     assert await read(backend, rel()) == b"first"
     assert await leftovers(backend) == []

@@ -72,7 +72,9 @@ async def test_keys_content_type_checksum_and_a_side_effect_free_probe(client, a
     assert await stored_objects(config) == [relpath, relpath + ".attr.json"]
     obj = await head(config, relpath)
     assert obj["ContentType"] == "application/pdf"
+    upload_tag = obj["Metadata"].pop("upload")  # the upload's WAL txid (issue 24)
     assert obj["Metadata"] == {"checksum": sha256(data), "original_size": str(len(data))}
+    uuid.UUID(upload_tag)
     attr_head = await head(config, relpath + ".attr.json")
     assert attr_head["ContentType"] == "application/json"
     async with s3_client(config) as s3:

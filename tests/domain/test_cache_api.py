@@ -289,7 +289,8 @@ async def test_consistency_report_counts_orphans_both_ways_and_expired(
     report = body["report"]
     assert {k: v for k, v in report.items() if k != "details"} == {
         "total_attr_files": 8, "total_cache_entries": 19, "orphan_cache_count": 12,
-        "orphan_attr_count": 1, "expired_cache_count": 2, "is_consistent": False,
+        "orphan_attr_count": 1, "expired_cache_count": 2, "orphan_data_count": 0,
+        "is_consistent": False,
         "inconsistency_percentage": round(13 / 8 * 100, 2)}
     details = report["details"]
     assert details["orphan_attr_files"] == [ids[0]]

@@ -84,6 +84,21 @@ class _Gone(Exception):
     """The data object is missing; raised before any header is sent."""
 
 
+class _Stalled(ConnectionError):
+    """The client took no bytes for ``DOWNLOAD_WRITE_TIMEOUT`` seconds."""
+
+
+async def _write(resp: web.StreamResponse, chunk: bytes, deadline: float) -> None:
+    """One chunk to the client, who must take it within ``deadline`` seconds: a reader
+    that stops reading would otherwise hold the object's stream (an S3 connection of a
+    bounded pool) for as long as it keeps the socket open."""
+    try:
+        async with asyncio.timeout(deadline):
+            await resp.write(chunk)
+    except TimeoutError:
+        raise _Stalled(f"the client took no bytes for {deadline:g} s") from None
+
+
 @gate(Access.READ)
 async def download(request: web.Request) -> web.StreamResponse:
     el = element(request)
@@ -116,7 +131,8 @@ async def _download(request: web.Request, el, served: Served) -> web.StreamRespo
     try:
         if reader.info.size != served.file_size:
             raise _damaged(served)
-        return await _send(request, served, reader, headers, ranges)
+        return await _send(request, served, reader, headers, ranges,
+                           el.config.download_write_timeout)
     finally:
         await reader.close()
 
@@ -128,7 +144,8 @@ async def _open(el, served: Served, expect: int | None) -> Reader:
         raise _Gone from None
 
 
-async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
+async def _send(request, meta, reader, headers, ranges, deadline: float
+                ) -> web.StreamResponse:
     content_type = meta.content_type or "application/octet-stream"
     if ranges is None:
         resp = _response(200, headers, content_type, meta.file_size)
@@ -151,16 +168,16 @@ async def _send(request, meta, reader, headers, ranges) -> web.StreamResponse:
         await resp.prepare(request)
         for i, (head, start, end) in enumerate(parts):
             if head:
-                await resp.write(head)
+                await _write(resp, head, deadline)
             if i == 0 and first is not None:
                 chunk, stream = first
-                await resp.write(chunk)
+                await _write(resp, chunk, deadline)
                 async for chunk in stream:
-                    await resp.write(chunk)
+                    await _write(resp, chunk, deadline)
             else:
-                await _copy(request, resp, reader, start, end)
+                await _copy(request, resp, reader, start, end, deadline)
         if trailer:
-            await resp.write(trailer)
+            await _write(resp, trailer, deadline)
         await resp.write_eof()
     except Exception as exc:  # noqa: BLE001 - the status line is out: cut the connection
         _abort(request, meta, exc)
@@ -199,7 +216,9 @@ async def _prime(meta: Served, reader: Reader, part: tuple[bytes, int, int]
 
 def _abort(request: web.Request, meta: Served, exc: Exception) -> None:
     """Close the connection mid-body; a second response would corrupt the stream."""
-    if isinstance(exc, ConnectionError):
+    if isinstance(exc, _Stalled):
+        log.info("download of %s cut: %s", meta.file_id, exc)
+    elif isinstance(exc, ConnectionError):
         log.debug("client of %s went away: %r", meta.file_id, exc)
     else:
         detail = getattr(exc, "detail", None) or repr(exc)
@@ -218,7 +237,7 @@ def _response(status: int, headers: dict[str, str], content_type: str,
 
 
 async def _copy(request: web.Request, resp: web.StreamResponse, reader: Reader,
-                start: int, end: int) -> None:
+                start: int, end: int, deadline: float) -> None:
     """Bytes ``start..end`` of the object to the client; sendfile when possible."""
     if reader.info.path is not None and getattr(reader, "fobj", None) is not None:
         transport = request.transport
@@ -228,4 +247,4 @@ async def _copy(request: web.Request, resp: web.StreamResponse, reader: Reader,
                     transport, reader.fobj, start, end - start + 1)
                 return
     async for chunk in reader.iter_range(start, end, CHUNK):
-        await resp.write(chunk)
+        await _write(resp, chunk, deadline)

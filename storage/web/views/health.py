@@ -17,6 +17,7 @@ from ...observability import metrics
 from . import ops
 
 log = logging.getLogger(__name__)
+READY_STORE_TIMEOUT = 10.0  # seconds the store may take to answer the readiness probe
 
 
 def _now() -> str:
@@ -61,12 +62,14 @@ async def ready(request: web.Request) -> web.Response:
     }
     ok = True
     try:
-        checks.update(await el.backend.check())
+        async with asyncio.timeout(READY_STORE_TIMEOUT):  # an answer, never a queue
+            checks.update(await el.backend.check())
     except Exception as exc:  # any failure makes the element not ready, with the reason
         ok = False
         key = "s3_bucket" if el.backend.name == "s3" else "storage_directory"
         checks[key] = "not_accessible"
-        checks["storage_error"] = getattr(exc, "detail", None) or str(exc)
+        checks["storage_error"] = getattr(exc, "detail", None) or str(exc) or (
+            f"no answer within {READY_STORE_TIMEOUT:g} s")
     try:
         await repo.ping(el.db)
         checks["database"] = "connected"
