@@ -36,26 +36,6 @@ UPDATE <prefix>_wal
 WHERE transaction_id = $1 AND status = 'pending'
 RETURNING transaction_id;
 
--- name: lock_key
--- $1 relative_path: serialises the claims of one storage key (until the transaction ends)
-SELECT pg_advisory_xact_lock(hashtext('<prefix>_key:' || $1));
-
--- name: claim_key
--- $1 transaction_id, $2 file_id, $3 relative_path: the pending upload claims the storage
--- key unless another pending upload of this file id has claimed it, or a resumable one
--- will publish there (a store without atomic conditional creates, S3, would let both
--- write the one key); run under lock_key
-UPDATE <prefix>_wal w
-   SET operation_data = w.operation_data || '{"claimed": true}'::jsonb
-WHERE w.transaction_id = $1 AND w.status = 'pending'
-  AND NOT EXISTS (
-      SELECT 1 FROM <prefix>_wal r
-      WHERE r.file_id = $2 AND r.status = 'pending'
-        AND r.transaction_id <> $1 AND r.operation_data->>'relative_path' = $3
-        AND (r.operation_type = 'file_upload_resumable'
-             OR (r.operation_type = 'file_create' AND r.operation_data ? 'claimed')))
-RETURNING w.transaction_id;
-
 -- name: pending_temps
 -- The temp names (temp files, S3 multipart upload ids) pending intents name: live
 -- uploads, or partial data recovery will discard; a stray-temp sweep leaves them alone

@@ -136,14 +136,6 @@ async def set_wal_temp(db: Db, txid: uuid.UUID, temp_path: str) -> bool:
     return await db.pool.fetchval(db.q.set_wal_temp, txid, temp_path) is not None
 
 
-async def claim_key(db: Db, txid: uuid.UUID, file_id: uuid.UUID, relpath: str) -> bool:
-    """The pending upload ``txid`` claims the storage key ``relpath``; False when another
-    pending upload of ``file_id`` holds it (claims of one key are serialised)."""
-    async with db.pool.acquire() as conn, conn.transaction():
-        await conn.execute(db.q.lock_key, relpath)
-        return await conn.fetchval(db.q.claim_key, txid, file_id, relpath) is not None
-
-
 async def pending_temps(db: Db) -> frozenset[str]:
     """Temp names (temp paths, multipart upload ids) that pending intents name."""
     return frozenset(r["temp_path"] for r in await db.pool.fetch(db.q.pending_temps))

@@ -105,8 +105,8 @@ async def reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | Non
         if insert is None or not (exc.constraint_name or "").endswith("_wal_upload_id"):
             raise
         if not await _reap_expired(el, insert["file_id"]):
-            raise Conflict(f"File with ID {insert['file_id']} is being uploaded "
-                           "(a resumable upload holds the ID until it ends)") from None
+            raise Conflict(f"File with ID {insert['file_id']} is being uploaded by "
+                           "another request (an upload holds its ID until it ends)") from None
         r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")

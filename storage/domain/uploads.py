@@ -219,8 +219,6 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
     await faults.point(el, "upload.after_intent")
     visible = committing = False
     try:
-        if spec.file_id is not None:
-            await _refuse_rival(el, txid, meta)
         async with writer:
             if "md5" in spec.digests:
                 writer.hasher.enable_md5()
@@ -250,15 +248,6 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
                                    remove_data=visible or writer.landed))
         raise
     return meta
-
-
-async def _refuse_rival(el: Element, txid: uuid.UUID, meta: FileMeta) -> None:
-    """409 when another upload of this id to the same storage key (the same name, user
-    and second) is under way: two writers of one key clobber each other on a store
-    without atomic conditional creates (SeaweedFS completes both), and the loser's undo
-    would remove the winner's object.  Only an id the client chose can collide."""
-    if not await repo.claim_key(el.db, txid, meta.file_id, meta.relative_path):
-        raise Conflict(f"File with ID {meta.file_id} is being uploaded by another request")
 
 
 def _commit_refused(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import socket
 import uuid
 from datetime import UTC, datetime
@@ -28,8 +29,11 @@ from helpers import (
 from storage.backends.base import StoreUnavailable
 from storage.backends.s3 import S3Backend, S3Writer
 from storage.config import ConfigError
+from storage.db import repo
+from storage.db.sql import queries
 from storage.domain import maintenance, recovery, scan, uploads
 from storage.domain.element import backend_key, element_key
+from storage.models import FileMeta
 
 pytestmark = pytest.mark.parametrize("storage_kind", ["s3"], indirect=True)
 MIB = 1024 * 1024
@@ -80,9 +84,10 @@ class GatedCommits(S3Backend):
 async def test_two_uploads_of_one_id_in_one_second_one_wins_and_keeps_its_data(
         client, auth, config, pg_dsn, swap_backend, monkeypatch, size):
     """Same id, name, user and second: the same key.  Held at the commit until both
-    got there (or one was answered), both race the conditional create.  Before: both
-    wrote the key (SeaweedFS applies ``If-None-Match`` non-atomically) and the database
-    loser's undo deleted the winner's object after its 201, or the loser got 503."""
+    got there (or one was answered), both would race the conditional create.  Before:
+    both wrote the key (SeaweedFS applies ``If-None-Match`` non-atomically) and the
+    database loser's undo deleted the winner's object after its 201, or the loser got
+    503.  Now the second intent of the id is refused (409) before a byte is written."""
     fixed = datetime(2026, 12, 8, 1, 2, 3, tzinfo=UTC)
     monkeypatch.setattr(uploads, "utcnow", lambda: fixed)
     Gate.arrived, Gate.both, Gate.release = 0, asyncio.Event(), asyncio.Event()
@@ -105,7 +110,7 @@ async def test_two_uploads_of_one_id_in_one_second_one_wins_and_keeps_its_data(
     meta = await (await client.get(url(fid), headers=auth())).json()
     relpath = meta["storage_path"] + meta["storage_filename"]
     assert await stored_objects(config) == [relpath, relpath + ".attr.json"]
-    assert sorted(await wal_outcomes(pg_dsn, config)) == [("committed", 0), ("rolled_back", 0)]
+    assert await wal_outcomes(pg_dsn, config) == [("committed", 0)]  # the loser never began
 
 
 async def test_a_later_upload_to_an_existing_key_is_409_and_removes_nothing(
@@ -448,8 +453,8 @@ async def test_a_failed_tus_completion_leaves_its_assembly_named_for_recovery(
 
 class Overtaken:
     """Run after this upload's commit: another writer's object replaces it at the key
-    (a second "winner" of a non-atomic conditional create) and another upload of the
-    id takes the row."""
+    (a second "winner" of a non-atomic conditional create) and another row of the id
+    is in."""
 
     then = None
 
@@ -476,8 +481,21 @@ async def test_an_undo_never_removes_an_object_another_upload_wrote(
             await s3.put_object(Bucket=config.s3_bucket_name,
                                 Key=s3_folder(config) + writer.relpath, Body=foreign,
                                 Metadata={"upload": str(uuid.uuid4())})
-        resp = await client.put(url(fid) + "?filename=other.bin", data=b"row", headers=auth())
-        assert resp.status == 201
+        # the row of another upload of the id (as if another element's database won: while
+        # this upload is pending, no upload of its id can begin on this one)
+        now = datetime.now(UTC)
+        row = FileMeta(file_id=uuid.UUID(fid), original_filename="other.bin",
+                       storage_filename="other.bin", file_size=len(foreign),
+                       content_type="application/octet-stream", created_at=now,
+                       updated_at=now, created_by_id="u", created_by_username="u",
+                       storage_path="2026/", checksum=sha256(foreign), metadata_json=None)
+        conn = await asyncpg.connect(config.database_url)
+        try:
+            await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                                      schema="pg_catalog")
+            await repo.insert_file(conn, queries(config.table_prefix), row)
+        finally:
+            await conn.close()
 
     Overtaken.then = then
     swap_backend(OvertakenCommits)

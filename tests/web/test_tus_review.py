@@ -84,15 +84,17 @@ async def test_the_id_is_free_again_once_the_upload_ends(client, auth):
 
 async def test_a_tus_creation_waits_for_no_plain_upload_of_its_id(client, auth, pg_dsn):
     """The other way round: a plain upload of the id is in flight (its intent pending),
-    so a tus creation of that id would only fail at its very end: 409 at once."""
+    so a tus creation (or another plain upload) of that id would only fail at its very
+    end: 409 at once."""
     config, admin, fid = config_of(client), auth(), uuid.uuid4()
     await sql(pg_dsn, f"INSERT INTO {config.table_prefix}_wal (transaction_id, operation_type,"
                       " status, file_id, operation_data, started_at) VALUES ($1, 'file_create',"
                       " 'pending', $2, '{}'::jsonb, now())", uuid.uuid4(), fid)
     await create(client, admin, length=3, status=409,
                  **{"Upload-Metadata": metadata(file_id=str(fid))})
-    # two plain uploads of one id still race to the finish, as before
-    assert (await upload(client, admin, b"first", file_id=str(fid)))["file_id"] == str(fid)
+    # nor may another plain upload begin (issue 24: two writers of one storage key)
+    body = await upload(client, admin, b"second", file_id=str(fid), status=409)
+    assert "being uploaded by another request" in body["detail"]
 
 
 # --- finding 3: a stranger neither stalls the owner nor learns that the upload exists -----
