@@ -13,6 +13,7 @@ import uuid
 
 from ..db import repo
 from ..errors import ClientGone, Conflict, InsufficientStorage, PayloadTooLarge, StorageError
+from . import liveness
 from .element import Element
 
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
@@ -89,7 +90,12 @@ async def precheck_capacity(el: Element, need: int | None) -> None:
 
 async def reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | None,
                    check_id: bool = False) -> None:
-    """Atomically check capacity and (insert the WAL row with | grow) a reservation."""
+    """Atomically check capacity and (insert the WAL row with | grow) a reservation.
+
+    :raises Unavailable: (503) a new intent while this process cannot confirm its lease.
+    """
+    if insert is not None:
+        liveness.require_writable(el.runtime)
     r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")

@@ -30,7 +30,7 @@ from ..errors import (
     StorageError,
 )
 from ..models import FileMeta, Identity, utcnow
-from . import attrmeta, faults, naming, reservations
+from . import attrmeta, faults, liveness, naming, reservations
 from .element import Element
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,12 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
     writer.on_temp = functools.partial(repo.set_wal_temp, el.db, txid)
     intent = {
         "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
-        "data": {
+        "data": liveness.stamp(el.runtime, {
             "original_filename": meta.original_filename,
             "storage_filename": meta.storage_filename, "storage_path": meta.storage_path,
             "relative_path": meta.relative_path, "content_type": meta.content_type,
             "temp_path": writer.temp_name,
-        },
+        }),
     }
     try:
         await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
@@ -220,23 +220,51 @@ async def store(el: Element, spec: UploadSpec, who: Identity,
             # multipart fields that followed the file part
             meta.description, meta.version = spec.description, spec.version
             meta.metadata_json = spec.metadata or None  # {} reads back as null
-            # data and attr document in one step: one directory fsync for both
-            await writer.commit(attr_document(meta))
+            attr = attr_document(meta)
+            # data and attr document in one step: one directory fsync for both.  From
+            # here on the files may be in place whatever happens (a failure after the
+            # link, such as the directory fsync), and the commit thread's outcome
+            # decides: a cancellation waits for it (the writer is never aborted under it).
             visible = True
+            await _to_the_end(writer.commit(attr))
         await faults.point(el, "upload.after_files")
         committing = True
         meta = await finish(el, meta, txid)
         committing = False
         await faults.point(el, "upload.after_commit")
     except BaseException as exc:
+        if committing and isinstance(exc, Abandoned) and exc.claimed:
+            raise  # recovery holds the intent and decides about the files
         if committing and not _commit_refused(exc):
             # The row may be in: removing the files could leave it without them.
             log.warning("upload %s: the database commit may or may not have happened "
                         "(%r); WAL %s left pending for recovery", meta.file_id, exc, txid)
+            await asyncio.shield(_disown(el, txid))
             raise
         await asyncio.shield(_undo(el, meta, txid, exc, remove_data=visible))
         raise
     return meta
+
+
+async def _to_the_end(step) -> None:
+    """Await ``step`` until it has ended, even if the caller is cancelled meanwhile (the
+    cancellation is raised after; ``step``'s own error, if any, then goes unraised)."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+        except Exception:  # noqa: BLE001 - raised below, from the task
+            break
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise asyncio.CancelledError
+    task.result()
 
 
 def _commit_refused(exc: BaseException) -> bool:
@@ -269,7 +297,9 @@ async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
     result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
               "file_size": meta.file_size}
     done = await el.commits.finish(meta, txid, result)
-    if done.status == "gone" and (row := await repo.get_file(el.db, meta.file_id)) is not None \
+    settled = await _settled(el, txid) if done.status == "gone" else "committed"
+    if done.status == "gone" and settled == "committed" \
+            and (row := await repo.get_file(el.db, meta.file_id)) is not None \
             and row.storage_filename == meta.storage_filename:
         return row  # recovery elsewhere found this very upload complete and finished it
     if done.status == "exists":
@@ -278,22 +308,68 @@ async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
         raise BadRequest(f"File upload not allowed in {done.mode} mode")
     if done.status == "gone":
         raise Abandoned("The upload was abandoned by crash recovery while it was running; "
-                        "nothing was stored, send it again", headers={"Retry-After": "1"})
+                        "nothing was stored, send it again", headers={"Retry-After": "1"},
+                        claimed=settled == "pending")
     return meta
 
 
+SETTLE_WAIT_S = 10.0  # how long a finish waits for recovery to settle a claimed intent
+
+
+async def _settled(el: Element, txid: uuid.UUID) -> str:
+    """The intent's status once no claimer is settling it, or "pending" if one still is
+    after :data:`SETTLE_WAIT_S` (its files are then the claimer's to keep or remove)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_WAIT_S
+    while True:
+        state = await repo.wal_state(el.db.pool, el.db.q, txid)
+        if state is None or state[0] != "pending" or state[1] is None:
+            return state[0] if state else "gone"
+        if loop.time() > deadline:
+            return "pending"
+        await asyncio.sleep(0.1)
+
+
 class Abandoned(StorageError):
-    """The upload's WAL intent was resolved by recovery before the upload finished."""
+    """The upload's WAL intent was resolved by recovery before the upload finished
+    (``claimed``: recovery is still resolving it, and owns its files)."""
 
     status, code = 503, "upload_abandoned"
+
+    def __init__(self, detail: str, *, claimed: bool = False, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.claimed = claimed
 
 
 async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
                 *, remove_data: bool) -> None:
+    """Roll the upload back.  When its files may be in place, the intent is claimed
+    first: between the removal and the rollback nobody may publish or resolve it."""
     reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
+    lease = liveness.owner(el.runtime)
+    db, q = el.db, el.db.q
     try:
-        if remove_data:
+        if not remove_data:  # nothing in place: the writer removed its temp file
+            await repo.rollback_wal(db.pool, q, txid, reason, utcnow())
+        elif lease is None or lease.id is None:
             await el.backend.delete(meta.relative_path)
-        await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
+            await repo.rollback_wal(db.pool, q, txid, reason, utcnow())
+        elif await repo.claim_wal(db.pool, q, txid, lease.id, ttl_s=liveness.LEASE_TTL_S,
+                                  force=True) is not None:
+            await el.backend.delete(meta.relative_path)
+            await repo.rollback_wal(db.pool, q, txid, reason, utcnow(), claimer=lease.id)
+        elif (state := await repo.wal_state(db.pool, q, txid)) is not None \
+                and state[0] == "rolled_back":
+            # recovery settled it without this upload's files (linked after it looked)
+            await el.backend.delete(meta.relative_path)
+        # else committed by recovery (it is a file now) or claimed by it: its call
     except Exception:  # recovery will resolve the pending row; never mask the real error
         log.exception("could not roll back upload %s (WAL %s)", meta.file_id, txid)
+        await _disown(el, txid)
+
+
+async def _disown(el: Element, txid: uuid.UUID) -> None:
+    """Left pending with its outcome unknown: recovery may resolve it at its next pass."""
+    lease = liveness.owner(el.runtime)
+    if lease is not None:
+        await lease.disown(txid)
