@@ -1,0 +1,197 @@
+"""Fencing (issue 22), in-process: recovery claims an intent before it touches anything,
+a live owner's intents are left alone, the commit thread decides an upload's outcome,
+and recovery publishes nothing in a mode without uploads.  (A live process that loses
+its database sessions: tests/reliability/test_rel_fence.py, with real processes.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from cache_helpers import check_store, connect, element, plant
+from helpers import form, temp_files
+from test_recovery import _intent, _meta, _restart, _wal
+
+from storage.backends.fsutil import DirSync
+from storage.db import repo
+from storage.domain import faults, recovery, uploads
+from storage.models import Identity, utcnow
+
+
+@contextlib.contextmanager
+def hooks(**points):
+    """Pause at fault points (``faults.HOOKS``): ``name__with__dots`` → coroutine fn."""
+    named = {k.replace("__", "."): v for k, v in points.items()}
+    faults.HOOKS.update(named)
+    try:
+        yield
+    finally:
+        for k in named:
+            faults.HOOKS.pop(k, None)
+
+
+async def test_recovery_claims_before_it_removes_a_live_upload(client, auth, config, pg_dsn):
+    """Finding 2, forced at the real await points: recovery (``recover --force``) reads
+    "no attr" for a live upload; the upload then links its data and attr; recovery
+    removes them; the upload's finish comes before recovery's rollback.  Without a claim
+    the finish found its intent pending and answered 201 for a file with no data."""
+    el, root = element(client), config.storage_local_base_path
+    at_body, checked, linked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    upload_task: asyncio.Task | None = None
+
+    async def upload_after_body():  # the body is in the temp file; recovery looks now
+        at_body.set()
+        await checked.wait()
+
+    async def recovery_checked():  # recovery saw no attr: let the upload link its files
+        checked.set()
+        await linked.wait()
+
+    async def upload_after_files():
+        linked.set()
+
+    async def recovery_removed():  # the files are gone: the finish goes first
+        await asyncio.wait([upload_task], timeout=3)
+
+    with hooks(upload__after_body=upload_after_body, recovery__checked=recovery_checked,
+               upload__after_files=upload_after_files, recovery__removed=recovery_removed):
+        upload_task = asyncio.create_task(client.post(
+            "/api/v1/files/upload", data=form(b"live bytes" * 1000, "live.txt"),
+            headers=auth()))
+        await asyncio.wait_for(at_body.wait(), 10)
+        report = await recovery.recover(el, alone=True, force=True)
+        resp = await upload_task
+    body = await resp.json(content_type=None)
+    assert resp.status == 503, body
+    assert body["detail"].startswith("The upload was abandoned by crash recovery")
+    assert report.rolled_back == 1
+    conn = await connect(pg_dsn)
+    try:
+        assert await check_store(conn, config.table_prefix, root) == {}  # no row, no file
+        assert await conn.fetchval(f"SELECT count(*) FROM {config.table_prefix}_wal "
+                                   "WHERE status = 'pending'") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_live_owners_intents_are_left_alone_whatever_their_age(client, config, pg_dsn):
+    """The 24-hour rule no longer applies to an intent that names its owner's lease: a
+    live owner keeps it (a multi-GB upload at the rate floor); an expired one loses it."""
+    el, root = element(client), config.storage_local_base_path
+    lease = el.runtime.lease
+    meta = _meta("slow.bin")
+    txid = await _intent(el, "file_create", meta, age=timedelta(hours=30),
+                         data={"relative_path": meta.relative_path, "lease": str(lease.id)})
+    plant(root, meta, b"still arriving")
+    report = await recovery.recover(el, alone=False, claimer=uuid.uuid4())
+    assert (report.completed, report.rolled_back) == (0, 0)
+    conn = await connect(pg_dsn)
+    try:
+        assert (await _wal(conn, config.table_prefix, txid))[0] == "pending"
+        # the owner stops renewing: once its lease expired, a pass resolves the intent
+        await conn.execute(f"UPDATE {config.table_prefix}_leases SET heartbeat_at = "
+                           "now() - interval '1 hour' WHERE lease_id = $1", lease.id)
+        report = await recovery.recover(el, alone=False, claimer=uuid.uuid4())
+        assert report.completed == 1
+        assert (await _wal(conn, config.table_prefix, txid))[0] == "committed"
+    finally:
+        await conn.close()
+
+
+async def test_a_claimed_intent_is_never_finished_by_the_group_commit(client, auth, config,
+                                                                      pg_dsn):
+    """commit_batch publishes only an unclaimed intent: a finish of a claimed one is
+    'gone', and a reservation cannot grow it."""
+    el = element(client)
+    meta = _meta("claimed.txt")
+    txid = await _intent(el, "file_create", meta)
+    claimer = uuid.uuid4()
+    assert await repo.claim_wal(el.db.pool, el.db.q, txid, claimer, ttl_s=20) is not None
+    done = await el.commits.finish(meta, txid, {"file_id": str(meta.file_id)})
+    assert done.status == "gone"
+    grown = await el.commits.reserve(txid, 10)
+    assert grown.status == "gone"
+    assert await repo.get_file(el.db, meta.file_id) is None
+    # only the claimer settles it
+    assert not await repo.rollback_wal(el.db.pool, el.db.q, txid, "not mine", utcnow())
+    assert await repo.rollback_wal(el.db.pool, el.db.q, txid, "mine", utcnow(), claimer=claimer)
+
+
+def _blocking_dirsync(started: threading.Event, release: threading.Event,
+                      fail: bool) -> DirSync:
+    def fsync(fd: int) -> None:
+        first = not started.is_set()
+        started.set()
+        release.wait(30)
+        if fail and first:  # the commit's fsync fails, the removal's succeeds
+            raise OSError(errno.EIO, "directory fsync failed")
+        os.fsync(fd)
+
+    return DirSync(fsync=fsync)
+
+
+async def _chunks(data: bytes):
+    yield data
+
+
+@pytest.mark.parametrize("how", ["cancelled", "fsync_fails"])
+async def test_the_commit_thread_decides_the_outcome(client, config, pg_dsn, how):
+    """Finding 3: the writer's commit has linked data and attr and waits in the
+    directory fsync.  A cancellation then (runner cleanup after SHUTDOWN_TIMEOUT) must
+    not abort the writer under the thread nor roll the intent back while the files stay;
+    a failure after the link counts as visible: the files go with the rollback."""
+    el, root = element(client), config.storage_local_base_path
+    started, release = threading.Event(), threading.Event()
+    el.backend.dirsync = _blocking_dirsync(started, release, fail=how == "fsync_fails")
+    spec = uploads.UploadSpec("c.txt", "text/plain", declared_size=5000)
+    who = Identity(sub="sub", name="tester", role="admin", token_type="service_account",
+                   is_service_account=True)
+    task = asyncio.create_task(uploads.store(el, spec, who, _chunks(b"x" * 5000)))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        linked = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        assert len(linked) == 2  # data and attr in place, the fsync running
+        if how == "cancelled":
+            task.cancel()
+            await asyncio.sleep(0.2)  # the cancellation lands while the thread runs
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError if how == "cancelled" else Exception):
+        await task
+    await asyncio.sleep(0.1)
+    conn = await connect(pg_dsn)
+    try:
+        wal = await conn.fetch(f"SELECT status FROM {config.table_prefix}_wal")
+        assert [r["status"] for r in wal] == ["rolled_back"]
+        assert await check_store(conn, config.table_prefix, root) == {}
+        assert temp_files(root) == []
+    finally:
+        await conn.close()
+
+
+async def test_recovery_does_not_publish_an_upload_in_ro(app_factory, auth, config, pg_dsn):
+    """Finding 4: a process died with an upload's files in place; the element went ro;
+    the next start's recovery removes the upload instead of publishing it."""
+    a = await _restart(app_factory, config)
+    el, root = element(a), config.storage_local_base_path
+    meta = _meta("complete.txt")
+    txid = await _intent(el, "file_create", meta)
+    plant(root, meta, b"complete, never acknowledged")
+    await el.db.pool.execute(f"UPDATE {config.table_prefix}_config SET current_mode = 'ro' "
+                             "WHERE id = 1")
+    b = await _restart(app_factory, config, a)
+    conn = await connect(pg_dsn)
+    try:
+        status, why = await _wal(conn, config.table_prefix, txid)
+        assert status == "rolled_back" and "ro mode" in why
+        assert await check_store(conn, config.table_prefix, root) == {}
+    finally:
+        await conn.close()
+    resp = await b.get(f"/api/v1/files/{meta.file_id}/download", headers=auth())
+    assert resp.status == 404
