@@ -14,6 +14,7 @@ Blocking calls: run them in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -35,10 +36,10 @@ def makedirs_durable(path: Path, root: Path) -> None:
         missing.append(probe)
         probe = probe.parent
     for directory in reversed(missing):
-        try:
+        # a directory another writer created meanwhile is fsynced here too: its creator's
+        # fsync of the parent may not have happened yet, and our names will live in it
+        with contextlib.suppress(FileExistsError):
             directory.mkdir()
-        except FileExistsError:
-            continue
         fsync_dir(directory.parent)
 
 

@@ -193,15 +193,19 @@ class GroupCommit:
             log.warning("group commit of %d members refused (%r); retrying one by one",
                         len(members), exc)
             results: list[Any] = []
-            for member in members:
+            for i, member in enumerate(members):
                 try:
                     results += await repo.commit_batch(
                         self.db, [member], limit=self.config.storage_max_size, free=free,
                         app_mode=self.config.app_mode)
-                except asyncpg.PostgresError as one:
-                    if not _refused(one):
-                        raise
-                    results.append(one)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as one:
+                    if isinstance(one, asyncpg.PostgresError) and _refused(one):
+                        results.append(one)
+                        continue
+                    # the connection went: this member's outcome is unknown and the rest
+                    # were never sent; those already committed alone keep their results
+                    results += [one] * (len(members) - i)
+                    break
             return results
 
     async def _free(self) -> int | None:

@@ -96,7 +96,14 @@ async def reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | Non
     """
     if insert is not None:
         liveness.require_writable(el.runtime)
-    r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+    try:
+        r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+    except Exception:
+        # the intent may have been inserted (a lost connection): never let it wait for
+        # this live process to die before recovery may resolve it
+        if insert is not None and (lease := liveness.owner(el.runtime)) is not None:
+            await lease.disown(txid)
+        raise
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")
     _refuse(el, r, need)

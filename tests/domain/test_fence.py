@@ -15,12 +15,12 @@ from datetime import timedelta
 
 import pytest
 from cache_helpers import check_store, connect, element, plant
-from helpers import form, temp_files
+from helpers import form, temp_files, upload
 from test_recovery import _intent, _meta, _restart, _wal
 
 from storage.backends.fsutil import DirSync
 from storage.db import repo
-from storage.domain import faults, recovery, uploads
+from storage.domain import faults, maintenance, recovery, uploads
 from storage.models import Identity, utcnow
 
 
@@ -195,3 +195,28 @@ async def test_recovery_does_not_publish_an_upload_in_ro(app_factory, auth, conf
         await conn.close()
     resp = await b.get(f"/api/v1/files/{meta.file_id}/download", headers=auth())
     assert resp.status == 404
+
+
+async def test_scrub_does_not_report_a_file_whose_delete_is_in_flight(client, auth, config,
+                                                                      pg_dsn):
+    """A DELETE holds the file's lock and unlinks the data before the attr; a scrub that
+    looks in between must wait for it, not report ``missing_data`` (exit 1, a page)."""
+    el, root = element(client), config.storage_local_base_path
+    file_id = uuid.UUID((await upload(client, auth(), b"going", "g.txt"))["file_id"])
+    meta = await repo.get_file(el.db, file_id)
+    conn = await connect(pg_dsn)
+    try:
+        txid = uuid.uuid4()
+        began = await repo.begin_change(conn, el.db.q, txid=txid, op="file_delete",
+                                        file_id=file_id, data={}, user_id="sub",
+                                        started_at=utcnow(), modes=None, app_mode="edit")
+        assert began.status == "ok"
+        (root / meta.relative_path).unlink()  # the data first, as backend.delete does
+        scrub = asyncio.create_task(maintenance.scrub(el))
+        await asyncio.sleep(0.5)  # scrub found the data missing and the attr there
+        (root / (meta.relative_path + ".attr.json")).unlink()
+        await repo.end_delete(conn, el.db.q, txid, file_id, {}, utcnow())
+        tally = await asyncio.wait_for(scrub, 10)
+    finally:
+        await conn.close()
+    assert tally.counts["missing_data"] == 0, tally.problems
