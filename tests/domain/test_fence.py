@@ -19,7 +19,7 @@ from helpers import form, temp_files, upload
 from test_recovery import _intent, _meta, _restart, _wal
 
 from storage.backends.fsutil import DirSync
-from storage.db import repo
+from storage.db import locks, repo
 from storage.domain import faults, maintenance, recovery, uploads
 from storage.models import Identity, utcnow
 
@@ -220,3 +220,41 @@ async def test_scrub_does_not_report_a_file_whose_delete_is_in_flight(client, au
     finally:
         await conn.close()
     assert tally.counts["missing_data"] == 0, tally.problems
+
+
+async def test_shutdown_keeps_the_serve_lock_and_lease_until_commits_drained(
+        app_factory, config, pg_dsn):
+    """The serve lock and the lease go only after the group commit has drained: until
+    then a starting process must take this one for alive (its last finishes settle
+    intents that an exclusive pass would otherwise resolve under them)."""
+    a = await _restart(app_factory, config)
+    el = element(a)
+    lease_id = el.runtime.lease.id
+    meta = _meta("last.txt")
+    txid = await _intent(el, "file_create", meta)
+    in_batch, go = asyncio.Event(), asyncio.Event()
+
+    async def before_batch():
+        in_batch.set()
+        await go.wait()
+
+    conn = await connect(pg_dsn)
+    try:
+        serve = locks.key(config.table_prefix, locks.SERVE)
+        with hooks(commit__before_batch=before_batch):
+            finishing = asyncio.create_task(el.commits.finish(meta, txid, {}))
+            await asyncio.wait_for(in_batch.wait(), 10)
+            closing = asyncio.create_task(a.close())
+            await asyncio.sleep(0.5)  # the shutdown runs up to the drain
+            assert not closing.done()
+            assert await locks.holders(conn, el.db.q, serve)  # still held
+            assert await conn.fetchval(f"SELECT count(*) FROM {config.table_prefix}_leases "
+                                       "WHERE lease_id = $1", lease_id) == 1
+            go.set()
+            await asyncio.wait_for(closing, 20)
+        assert (await finishing).status == "ok"
+        assert await locks.holders(conn, el.db.q, serve) == []
+        assert await conn.fetchval(f"SELECT count(*) FROM {config.table_prefix}_leases") == 0
+    finally:
+        go.set()
+        await conn.close()
