@@ -16,6 +16,8 @@
   NULL``): a finish inserts its row only for an unclaimed pending intent (else
   ``gone``), and a reservation grows only an unclaimed one (else ``gone``).  So a live
   upload can never publish a row for files that recovery is removing.
+- ``<prefix>_end_delete``: locks the config row before it deletes the file's row (see
+  END_DELETE below), the order a batch finish takes them in.
 """
 
 import re
@@ -176,6 +178,27 @@ COMMIT_BATCH = """
 # 0007's body: the same function without the three claim conditions
 COMMIT_BATCH_0007 = re.sub(r"\n *AND w\.claimed_by IS NULL", "", COMMIT_BATCH)
 
+# A DELETE's row removal fires the totals trigger, which updates the config row.  A
+# batch finish of the same (explicit) file id locks the config row first and then waits
+# for the deleted row's transaction (ON CONFLICT): a deadlock, whose victim could be the
+# DELETE after its files were gone.  The config row is now locked first here too.
+END_DELETE = """
+        CREATE OR REPLACE FUNCTION <prefix>_end_delete(
+            p_txid uuid, p_file_id uuid, p_result jsonb, p_at timestamptz) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS $$
+        DECLARE
+            found_row boolean;
+        BEGIN
+            PERFORM 1 FROM <prefix>_config c WHERE c.id = 1 FOR NO KEY UPDATE;
+            DELETE FROM <prefix>_files WHERE file_id = p_file_id;
+            found_row := FOUND;
+            PERFORM <prefix>_end_change(p_txid, p_file_id, p_result, p_at);
+            RETURN found_row;
+        END $$;
+"""
+END_DELETE_0007 = END_DELETE.replace(
+    "            PERFORM 1 FROM <prefix>_config c WHERE c.id = 1 FOR NO KEY UPDATE;\n", "")
+
 steps = [
     ddl(
         """
@@ -195,4 +218,5 @@ steps = [
         """,
     ),
     ddl(COMMIT_BATCH, COMMIT_BATCH_0007),
+    ddl(END_DELETE, END_DELETE_0007),
 ]

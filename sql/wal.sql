@@ -66,11 +66,13 @@ WHERE w.transaction_id = $1 AND w.status = 'pending'
   AND (w.claimed_by IS NULL OR w.claimed_by = $2 OR NOT EXISTS (
         SELECT 1 FROM <prefix>_leases l
          WHERE l.lease_id = w.claimed_by
-           AND l.heartbeat_at > now() - make_interval(secs => $3)))
+           AND greatest(l.heartbeat_at, pg_postmaster_start_time())
+               > now() - make_interval(secs => $3)))
   AND ($4 OR NOT EXISTS (
         SELECT 1 FROM <prefix>_leases l
          WHERE l.lease_id::text = w.operation_data ->> 'lease' AND l.lease_id <> $2
-           AND l.heartbeat_at > now() - make_interval(secs => $3)))
+           AND greatest(l.heartbeat_at, pg_postmaster_start_time())
+               > now() - make_interval(secs => $3)))
 RETURNING *;
 
 -- name: release_wal_claim

@@ -94,9 +94,9 @@ async def test_a_live_owners_intents_are_left_alone_whatever_their_age(client, c
     conn = await connect(pg_dsn)
     try:
         assert (await _wal(conn, config.table_prefix, txid))[0] == "pending"
-        # the owner stops renewing: once its lease expired, a pass resolves the intent
-        await conn.execute(f"UPDATE {config.table_prefix}_leases SET heartbeat_at = "
-                           "now() - interval '1 hour' WHERE lease_id = $1", lease.id)
+        # the owner's lease is gone (it expired and was removed): a pass resolves it
+        await conn.execute(f"DELETE FROM {config.table_prefix}_leases WHERE lease_id = $1",
+                           lease.id)
         report = await recovery.recover(el, alone=False, claimer=uuid.uuid4())
         assert report.completed == 1
         assert (await _wal(conn, config.table_prefix, txid))[0] == "committed"
