@@ -10,7 +10,8 @@ Points (see tests/domain/test_crash.py): ``upload.after_intent``, ``upload.after
 ``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
 ``recovery.resolved``, ``commit.before_batch`` (a group commit about to be sent: earlier
 batches are acknowledged, its members are not), ``commit.after_batch`` (committed, its
-members not yet told); resumable uploads (tests/web/test_tus_process.py): ``tus.after_write``
+members not yet told), ``commit.retry_member`` (a refused batch retried one member
+at a time, before each); resumable uploads (tests/web/test_tus_process.py): ``tus.after_write``
 (a PATCH's bytes written, not yet synced), ``tus.after_commit`` (offset recorded, not yet
 acknowledged), ``tus.after_publish`` (the finished file's data and attr in place, no row
 yet), ``tus.after_finish`` (row in, upload not yet marked complete).

@@ -195,6 +195,7 @@ class GroupCommit:
             results: list[Any] = []
             for i, member in enumerate(members):
                 try:
+                    await faults.point(self, "commit.retry_member")
                     results += await repo.commit_batch(
                         self.db, [member], limit=self.config.storage_max_size, free=free,
                         app_mode=self.config.app_mode)
