@@ -185,7 +185,8 @@ async def _release(el: Element, change: _Change, txid: uuid.UUID, file_id: uuid.
         session_state_cleared(change.conn)
     except Exception:  # the pool's reset (or the session's end) releases the lock
         log.exception("could not release the lock of WAL %s", txid)
-    if change.storage_changed and (lease := liveness.owner(el.runtime)) is not None:
+        error = None  # left pending: recovery's to settle
+    if error is None and (lease := liveness.owner(el.runtime)) is not None:
         await asyncio.shield(lease.disown(txid))  # recovery's to finish, now
 
 

@@ -150,6 +150,9 @@ class GroupCommit:
         self._free_bytes = free_bytes
         self.batcher: Batcher[Member, Any] = Batcher(self._run, name=db.q.prefix,
                                                      observe=observe)
+        # called with an intent this process leaves pending for recovery (set to the
+        # process lease's ``disown`` by the server, storage.domain.liveness)
+        self.orphaned: Callable[[uuid.UUID], Awaitable[None]] | None = None
 
     async def reserve(self, txid: uuid.UUID, need: int, *, intent: dict[str, Any] | None = None,
                       check_id: bool = False) -> repo.Reservation:
@@ -172,6 +175,8 @@ class GroupCommit:
                                             "the request was cancelled", utcnow())
                 except Exception:  # recovery resolves a row left pending
                     log.exception("could not release the reservation of WAL %s", txid)
+                    if self.orphaned is not None:
+                        await self.orphaned(txid)
 
         return undo
 

@@ -51,20 +51,22 @@ class Lease:
     def __init__(self, db: Db, what: str) -> None:
         self.db = db
         self.what = what
-        self.id: uuid.UUID | None = None
+        self.id = uuid.uuid4()  # known before it is registered: the startup pass claims with it
+        self.registered = False
         self.confirmed = -math.inf  # monotonic time the last renewal was sent
         self.disowned: set[uuid.UUID] = set()  # intents still to disown (retried)
-        self.renewed = asyncio.Event()  # set at each confirmed renewal (tests, waiters)
 
     @property
     def label(self) -> str:
         return locks.label(self.what)
 
     async def register(self) -> uuid.UUID:
-        lease_id, sent = uuid.uuid4(), time.monotonic()
+        """Insert the lease row (a new id, the next epoch, if it was registered before)."""
+        lease_id = uuid.uuid4() if self.registered else self.id
+        sent = time.monotonic()
         await repo_leases.register(self.db.pool, self.db.q, lease_id, self.label,
                                    socket.gethostname(), os.getpid())
-        self.id, self.confirmed = lease_id, sent
+        self.id, self.confirmed, self.registered = lease_id, sent, True
         return lease_id
 
     def writable(self) -> bool:
@@ -74,15 +76,14 @@ class Lease:
     async def beat(self) -> None:
         """Renew the lease (a new one if it was removed); retry pending disowns."""
         sent = time.monotonic()
-        if self.id is None or not await repo_leases.beat(self.db.pool, self.db.q, self.id):
-            if self.id is not None:
-                log.error("lease %s was removed by another process (it had expired: this "
-                          "process was taken for dead); registering a new one", self.id)
+        if not self.registered:
+            await self.register()
+        elif not await repo_leases.beat(self.db.pool, self.db.q, self.id):
+            log.error("lease %s was removed by another process (it had expired: this "
+                      "process was taken for dead); registering a new one", self.id)
             await self.register()
         else:
             self.confirmed = sent
-        self.renewed.set()
-        self.renewed.clear()
         for txid in list(self.disowned):
             await repo.disown_wal(self.db.pool, self.db.q, txid)
             self.disowned.discard(txid)
@@ -98,9 +99,9 @@ class Lease:
             self.disowned.add(txid)
 
     async def drop(self) -> None:
-        if self.id is not None:
+        if self.registered:
             await repo_leases.drop(self.db.pool, self.db.q, [self.id])
-            self.confirmed = -math.inf
+            self.confirmed, self.registered = -math.inf, False
 
     async def run(self) -> None:
         """Renew every :data:`HEARTBEAT_S` until cancelled."""
@@ -128,6 +129,6 @@ def require_writable(runtime) -> None:
 def stamp(runtime, data: dict) -> dict:
     """``data`` with this process's lease as the intent's owner."""
     lease = owner(runtime)
-    if lease is not None and lease.id is not None:
+    if lease is not None:
         data["lease"] = str(lease.id)
     return data

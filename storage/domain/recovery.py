@@ -41,7 +41,7 @@ import asyncpg
 
 from .. import attrs
 from ..backends.base import ObjectMissing
-from ..db import repo, repo_cache, repo_leases
+from ..db import locks, repo, repo_cache, repo_leases
 from ..errors import StorageError
 from ..models import WalEntry, utcnow
 from . import attrmeta, faults, files, liveness, modes, resumable
@@ -269,6 +269,17 @@ async def _release(el: Element, wal: WalEntry, claimer: uuid.UUID | None) -> Non
         log.exception("could not release the claim on WAL %s", wal.transaction_id)
 
 
+async def forget_dead_local(el: Element, own: uuid.UUID) -> list[repo_leases.LeaseRow]:
+    """Remove the live-looking leases of processes of this host that no longer exist (a
+    SIGKILLed predecessor); returns the other leases that remain live."""
+    live = await repo_leases.others_live(el.db.pool, el.db.q, own, liveness.LEASE_TTL_S)
+    dead = [r for r in live if locks.dead_local(locks.Holder(0, r.holder, None, ""))]
+    if dead:
+        await repo_leases.drop(el.db.pool, el.db.q, [r.lease_id for r in dead])
+        log.info("removed the leases of %d dead process(es) of this host", len(dead))
+    return [r for r in live if r not in dead]
+
+
 def _eligible(wal: WalEntry, now: datetime, *, alone: bool) -> bool:
     """Whether a pass may try ``wal``.  An intent that names its owner's lease is tried
     whatever its age (the claim refuses it while the owner lives); one without (written
@@ -289,8 +300,9 @@ async def recover(el: Element, *, alone: bool, claimer: uuid.UUID | None = None,
     """
     if claimer is None:
         lease = liveness.owner(el.runtime)
-        claimer = lease.id if lease is not None and lease.id is not None else uuid.uuid4()
+        claimer = lease.id if lease is not None else uuid.uuid4()
     report = Report("exclusive" if alone or force else "shared", claimer=claimer, force=force)
+    await forget_dead_local(el, claimer)
     alone = alone or force
     now = utcnow()
     after: tuple[datetime, object] = (datetime.min.replace(tzinfo=now.tzinfo), repo_cache.NIL)

@@ -30,14 +30,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 import asyncpg
 
-from ..db import locks, repo_leases
+from ..db import locks
 from . import liveness
 from .element import Element
-from .recovery import Report, recover
+from .recovery import Report, forget_dead_local, recover
 
 log = logging.getLogger(__name__)
 MAINTAIN_EVERY_S = 300.0
@@ -73,13 +74,7 @@ async def claim(conn: asyncpg.Connection, el: Element, lease: liveness.Lease | N
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.05)
-    if lease is None or lease.id is None:
-        return True
-    live = await repo_leases.others_live(conn, q, lease.id, liveness.LEASE_TTL_S)
-    dead = [r for r in live if locks.dead_local(locks.Holder(0, r.holder, None, ""))]
-    if dead:
-        await repo_leases.drop(conn, q, [r.lease_id for r in dead])
-    alive = [r for r in live if r not in dead]
+    alive = await forget_dead_local(el, lease.id if lease is not None else uuid.UUID(int=0))
     if alive:
         log.warning("the serve lock was free but %d other process(es) hold a live lease "
                     "(%s): not alone, shared recovery pass", len(alive),
@@ -93,7 +88,10 @@ async def startup(el: Element, conn: asyncpg.Connection, *, serve: bool,
                   force: bool = False, lease: liveness.Lease | None = None) -> Report:
     """The startup pass on ``conn``; with ``serve`` the connection keeps the shared serve
     lock afterwards.  ``force`` (ops CLI) resolves everything even if servers seem alive.
-    ``lease``: this process's (registered) lease, default the element's."""
+    ``lease``: this process's lease, default the element's; registered here (if it is
+    not yet) before the recovery lock goes, so the next process to start sees this one
+    alive, while processes starting together do not take each other for alive: only
+    one of them holds the recovery lock at a time."""
     q = el.db.q
     lease = lease or liveness.owner(el.runtime)
     rec_key, serve_key = locks.key(el.prefix, locks.RECOVERY), locks.key(el.prefix, locks.SERVE)
@@ -109,6 +107,8 @@ async def startup(el: Element, conn: asyncpg.Connection, *, serve: bool,
                 raise RuntimeError("could not take the shared serve lock")
             if exclusive:
                 await locks.unlock(conn, q, serve_key)
+            if lease is not None and not lease.registered:
+                await lease.register()
     finally:
         await locks.unlock(conn, q, rec_key)
     await locks.set_label(conn, q, locks.label("serving"))

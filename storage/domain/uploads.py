@@ -351,7 +351,7 @@ async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException
     try:
         if not remove_data:  # nothing in place: the writer removed its temp file
             await repo.rollback_wal(db.pool, q, txid, reason, utcnow())
-        elif lease is None or lease.id is None:
+        elif lease is None:
             await el.backend.delete(meta.relative_path)
             await repo.rollback_wal(db.pool, q, txid, reason, utcnow())
         elif await repo.claim_wal(db.pool, q, txid, lease.id, ttl_s=liveness.LEASE_TTL_S,

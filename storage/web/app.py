@@ -123,9 +123,9 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
     el = app[element_key]
     dsn = app[dsn_key]
     counted = app[metrics_key].count_recovery
-    lease = liveness.Lease(el.db, "serving")
-    await lease.register()
+    lease = liveness.Lease(el.db, "serving")  # registered by the startup pass
     el.runtime.lease = lease
+    el.commits.orphaned = lease.disown
     conn = await recovery_passes.connect(dsn)
     el.runtime.recovering = True
     try:
@@ -136,6 +136,9 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
         log.exception("startup recovery failed")
     finally:
         el.runtime.recovering = False
+    if not lease.registered:  # the pass failed before: the next heartbeat retries
+        with contextlib.suppress(Exception):
+            await lease.register()
     holder = [conn]
     tasks = [asyncio.create_task(recovery_passes.keep_alive(el, dsn, holder, lease),
                                  name="liveness"),
