@@ -20,7 +20,7 @@ from test_recovery import _intent, _meta, _restart, _wal
 
 from storage.backends.fsutil import DirSync
 from storage.db import locks, repo
-from storage.domain import faults, maintenance, recovery, uploads
+from storage.domain import faults, liveness, maintenance, recovery, uploads
 from storage.models import Identity, utcnow
 
 
@@ -258,3 +258,38 @@ async def test_shutdown_keeps_the_serve_lock_and_lease_until_commits_drained(
     finally:
         go.set()
         await conn.close()
+
+
+async def test_a_lost_serve_lock_session_is_noticed_and_the_lock_taken_again(client, pg_dsn,
+                                                                             config):
+    """Finding 1's first half: the session holding the serve lock is terminated; the
+    process notices (the connection's end wakes its keeper) and takes the lock again on a
+    new session, instead of serving without it until the next 5-minute round."""
+    el = element(client)
+    serve = locks.key(config.table_prefix, locks.SERVE)
+    conn = await connect(pg_dsn)
+    try:
+        [before] = await locks.holders(conn, el.db.q, serve)
+        await conn.fetchval("SELECT pg_terminate_backend($1)", before.pid)
+        again = []
+        for _ in range(100):
+            again = await locks.holders(conn, el.db.q, serve)
+            if again and again[0].pid != before.pid:
+                break
+            await asyncio.sleep(0.1)
+        assert [h.pid != before.pid and "serving" in h.label for h in again] == [True]
+    finally:
+        await conn.close()
+
+
+async def test_writes_wait_until_the_lease_is_confirmed(client, auth):
+    """A process that cannot confirm its lease (its renewals fail: the database is away)
+    refuses new writes with 503 instead of writing as a process others may take for dead;
+    the next renewal lets them in again."""
+    lease = element(client).runtime.lease
+    lease.confirmed -= liveness.LEASE_TTL_S  # as if the last renewals had failed
+    resp = await client.post("/api/v1/files/upload", data=form(b"x", "x.txt"), headers=auth())
+    assert resp.status == 503, await resp.text()
+    assert resp.headers["Retry-After"] == "2"
+    await lease.beat()
+    await upload(client, auth(), b"x", "x.txt")
