@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import threading
 import uuid
@@ -18,6 +19,7 @@ from cache_helpers import check_store, connect, element, plant
 from helpers import form, temp_files, upload
 from test_recovery import _intent, _meta, _restart, _wal
 
+from storage import attrs
 from storage.backends.fsutil import DirSync
 from storage.db import locks, repo
 from storage.domain import faults, liveness, maintenance, recovery, uploads
@@ -293,3 +295,36 @@ async def test_writes_wait_until_the_lease_is_confirmed(client, auth):
     assert resp.headers["Retry-After"] == "2"
     await lease.beat()
     await upload(client, auth(), b"x", "x.txt")
+
+
+async def test_quarantine_evidence_includes_a_patch_acknowledged_before_it(client, auth,
+                                                                          config, pg_dsn):
+    """quarantine() copies the attr document under the file's lock: a PATCH in flight
+    when it starts is in the evidence once acknowledged (before: the copy was taken
+    before the lock, and missed it)."""
+    el, root = element(client), config.storage_local_base_path
+    file_id = uuid.UUID((await upload(client, auth(), b"rotten", "r.txt",
+                                      description="old"))["file_id"])
+    meta = await repo.get_file(el.db, file_id)
+    doc = attrs.loads(await el.backend.read_attr(meta.relative_path), meta.relative_path)
+    conn = await connect(pg_dsn)
+    try:
+        txid = uuid.uuid4()
+        began = await repo.begin_change(conn, el.db.q, txid=txid, op="file_update",
+                                        file_id=file_id, data={"description": "new"},
+                                        user_id="sub", started_at=utcnow(), modes=None,
+                                        app_mode="edit")
+        assert began.status == "ok"
+        moving = asyncio.create_task(maintenance.quarantine(el, meta.relative_path, doc,
+                                                            "test"))
+        await asyncio.sleep(0.5)  # quarantine has copied the data, waits for the lock
+        meta.description = "new"
+        await el.backend.write_attr(meta.relative_path, uploads.attr_document(meta))
+        await repo.end_update(conn, el.db.q, txid, file_id, description="new", version=None,
+                              metadata=None, replace_metadata=False, updated_at=utcnow(),
+                              ttl_hours=24, result={}, at=utcnow())
+        target = await asyncio.wait_for(moving, 10)
+    finally:
+        await conn.close()
+    evidence = json.loads((root / (target + ".attr-quarantined.json")).read_bytes())
+    assert evidence["description"] == "new"
