@@ -29,3 +29,8 @@ LIMIT $1;
 -- no parameters: waits until every PATCH/DELETE in flight has finished (each holds this
 -- lock shared, see begin_change) and keeps new ones out until the transaction ends
 SELECT pg_advisory_xact_lock(hashtext('<prefix>_writes'));
+
+-- name: mode_for_commit
+-- $1 APP_MODE: the effective mode, under the row lock a mode change takes (as in
+-- commit_batch): a change committed before is seen, a later one waits for the commit
+SELECT COALESCE(current_mode, $1) FROM <prefix>_config WHERE id = 1 FOR NO KEY UPDATE;

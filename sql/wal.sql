@@ -7,25 +7,27 @@ VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)
 RETURNING *;
 
 -- name: commit_wal
--- $1 transaction_id, $2 result (merged into operation_data under "result"), $3 completed_at
+-- $1 transaction_id, $2 result (merged into operation_data under "result"), $3 completed_at,
+-- $4 the claimer's lease (NULL: only an unclaimed intent; see claim_wal)
 UPDATE <prefix>_wal SET
     status = 'committed',
     operation_data = operation_data || jsonb_build_object('result', $2::jsonb),
     completed_at = $3,
     duration_ms = (extract(epoch FROM ($3 - started_at)) * 1000)::integer,
     reserved_bytes = 0
-WHERE transaction_id = $1 AND status = 'pending'
+WHERE transaction_id = $1 AND status = 'pending' AND claimed_by IS NOT DISTINCT FROM $4::uuid
 RETURNING transaction_id;
 
 -- name: rollback_wal
--- $1 transaction_id, $2 error_message, $3 completed_at
+-- $1 transaction_id, $2 error_message, $3 completed_at, $4 the claimer's lease (NULL: only
+-- an unclaimed intent)
 UPDATE <prefix>_wal SET
     status = 'rolled_back',
     error_message = $2,
     completed_at = $3,
     duration_ms = (extract(epoch FROM ($3 - started_at)) * 1000)::integer,
     reserved_bytes = 0
-WHERE transaction_id = $1 AND status = 'pending'
+WHERE transaction_id = $1 AND status = 'pending' AND claimed_by IS NOT DISTINCT FROM $4::uuid
 RETURNING transaction_id;
 
 -- name: set_wal_temp
@@ -48,14 +50,15 @@ SELECT DISTINCT operation_data->>'relative_path' AS relative_path FROM <prefix>_
 WHERE status = 'pending' AND operation_data ? 'relative_path';
 
 -- name: abandon_wal
--- $1 transaction_id, $2 reason: its owner gave up on a pending upload but could not
--- remove what it wrote (the store was down); the intent stays pending, naming it, for
--- the next recovery pass (which resolves abandoned intents at any age), and its
--- reservation is released
+-- $1 transaction_id, $2 reason, $3 the owner's claim (NULL: unclaimed): its owner gave up
+-- on a pending upload but could not remove what it wrote (the store was down); the intent
+-- stays pending, naming it, unclaimed and disowned, for the next recovery pass (which
+-- resolves abandoned intents at any age), and its reservation is released
 UPDATE <prefix>_wal SET
-    operation_data = operation_data || jsonb_build_object('abandoned', $2::text),
-    reserved_bytes = 0
-WHERE transaction_id = $1 AND status = 'pending'
+    operation_data = operation_data
+        || jsonb_build_object('abandoned', $2::text, 'lease', 'disowned'),
+    reserved_bytes = 0, claimed_by = NULL, claimed_at = NULL
+WHERE transaction_id = $1 AND status = 'pending' AND claimed_by IS NOT DISTINCT FROM $3::uuid
 RETURNING transaction_id;
 
 -- name: purge_wal
@@ -74,3 +77,41 @@ SELECT kind, idx, status, mode, used, reserved
 FROM <prefix>_commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
                            $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27,
                            $28, $29, $30);
+
+-- name: claim_wal
+-- $1 transaction_id, $2 the claimer's lease, $3 lease TTL seconds, $4 force: the pending
+-- intent claimed for settling outside the group commit (recovery, or an upload undoing
+-- itself).  Refused (no row) when it is settled, claimed by another live lease, or (unless
+-- $4) owned by another live lease (operation_data.lease).  One committed statement: the
+-- claim survives a lost session, and a finish of a claimed intent answers "gone".
+UPDATE <prefix>_wal w SET claimed_by = $2, claimed_at = now()
+WHERE w.transaction_id = $1 AND w.status = 'pending'
+  AND (w.claimed_by IS NULL OR w.claimed_by = $2 OR NOT EXISTS (
+        SELECT 1 FROM <prefix>_leases l
+         WHERE l.lease_id = w.claimed_by
+           AND greatest(l.heartbeat_at, pg_postmaster_start_time())
+               > now() - make_interval(secs => $3)))
+  AND ($4 OR NOT EXISTS (
+        SELECT 1 FROM <prefix>_leases l
+         WHERE l.lease_id::text = w.operation_data ->> 'lease' AND l.lease_id <> $2
+           AND greatest(l.heartbeat_at, pg_postmaster_start_time())
+               > now() - make_interval(secs => $3)))
+RETURNING *;
+
+-- name: release_wal_claim
+-- $1 transaction_id, $2 the claimer's lease: the claim given up (the intent left pending)
+UPDATE <prefix>_wal SET claimed_by = NULL, claimed_at = NULL
+WHERE transaction_id = $1 AND claimed_by = $2
+RETURNING transaction_id;
+
+-- name: disown_wal
+-- $1 transaction_id: a live process gives up a pending intent it owns (its outcome is
+-- unknown): recovery may resolve it at its next pass as if the owner had died
+UPDATE <prefix>_wal
+   SET operation_data = jsonb_set(operation_data, '{lease}', '"disowned"')
+WHERE transaction_id = $1 AND status = 'pending'
+RETURNING transaction_id;
+
+-- name: wal_state
+-- $1 transaction_id: status and claim of one intent
+SELECT status, claimed_by FROM <prefix>_wal WHERE transaction_id = $1;

@@ -230,7 +230,9 @@ class Config:
     jwt_issuer: str | None = env("JWT_ISSUER", _opt_str, None)
     jwt_audience: str | None = env("JWT_AUDIENCE", _opt_str, None)
     # WAL, cache, capacity
-    wal_retention_hours: int = env("WAL_RETENTION_HOURS", _int(0), 168)
+    # at least a day: every rebuild guard reads the finished WAL rows of the files it
+    # finds, and a maintenance run can take hours (issue 22)
+    wal_retention_hours: int = env("WAL_RETENTION_HOURS", _int(24), 168)
     # crash tests only: SIGKILL at this named step (storage/domain/faults.py)
     fault_point: str | None = env("STORAGE_FAULT_POINT", _opt_str, None)
     capacity_warning_threshold: float = env("CAPACITY_WARNING_THRESHOLD", _float(), 80.0)

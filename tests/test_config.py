@@ -33,6 +33,9 @@ def test_booleans_accept_on_off_true_false_1_0(raw, value):
     ({"STORAGE_TYPE": "ftp"}, "STORAGE_TYPE"),
     ({"CAPACITY_FULL_THRESHOLD": "50"}, "CAPACITY"),
     ({"CORS_ALLOW_ORIGINS": "*"}, "CORS_ALLOW_ORIGINS"),
+    # the rebuild guards need the finished WAL rows for longer than a maintenance run
+    ({"WAL_RETENTION_HOURS": "0"}, "WAL_RETENTION_HOURS"),
+    ({"WAL_RETENTION_HOURS": "23"}, "WAL_RETENTION_HOURS"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(ConfigError, match=needle):

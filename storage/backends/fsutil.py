@@ -14,6 +14,7 @@ Blocking calls: run them in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -35,11 +36,38 @@ def makedirs_durable(path: Path, root: Path) -> None:
         missing.append(probe)
         probe = probe.parent
     for directory in reversed(missing):
-        try:
+        with contextlib.suppress(FileExistsError):  # another writer's: fsynced here too
             directory.mkdir()
-        except FileExistsError:
-            continue
         fsync_dir(directory.parent)
+        _known_durable(directory)
+
+
+_DURABLE: set[str] = set()  # directories whose entries this process made sure of (a cache
+_DURABLE_LOCK = threading.Lock()  # of file-system facts, keyed by absolute path)
+_DURABLE_MAX = 4096
+
+
+def _known_durable(directory: Path) -> None:
+    with _DURABLE_LOCK:
+        if len(_DURABLE) >= _DURABLE_MAX:
+            _DURABLE.clear()
+        _DURABLE.add(str(directory))
+
+
+def ensure_durable(directory: Path, root: Path,
+                   fsync: Callable[[Path], None] = fsync_dir) -> None:
+    """Make the entry of ``directory`` (and of each ancestor below ``root``) durable before
+    a name in it is acknowledged: once per directory and process.  A writer that finds a
+    new hour directory already there cannot know whether its creator has fsynced the
+    parent yet (or died before it did), so it does so itself, the first time."""
+    todo = []
+    probe = directory
+    while probe != root and probe != probe.parent and str(probe) not in _DURABLE:
+        todo.append(probe)
+        probe = probe.parent
+    for each in reversed(todo):
+        fsync(each.parent)
+        _known_durable(each)
 
 
 def is_real(path: Path) -> bool:
@@ -100,6 +128,12 @@ def open_dir(directory: Path, root: Path, *, create: bool = True) -> int:
             raise
         fd = None
     if fd is not None and _fd_is(fd, directory):
+        if create:
+            try:
+                ensure_durable(directory, root)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
     if fd is not None:
         os.close(fd)

@@ -25,7 +25,7 @@ from ..backends import make_backend
 from ..config import Config
 from ..db import locks, repo
 from ..db.pool import close_db, open_db
-from ..domain import cache, maintenance, recovery_passes
+from ..domain import cache, liveness, maintenance, recovery_passes
 from ..domain.element import Element
 from ..domain.groupcommit import GroupCommit
 from ..domain.runtime import Runtime
@@ -145,11 +145,21 @@ async def _check(el: Element, args: argparse.Namespace, con: Console) -> int:
 
 
 async def _recover(el: Element, args: argparse.Namespace, con: Console) -> int:
+    # a lease of its own: the intents it claims are its while it runs, and a server
+    # starting meanwhile takes it for alive
+    lease = liveness.Lease(el.db, "recovery")
+    await lease.register()
+    beating = asyncio.create_task(lease.run())
     conn = await asyncpg.connect(args.dsn)
     try:
-        report = await recovery_passes.startup(el, conn, serve=False, force=args.force)
+        report = await recovery_passes.startup(el, conn, serve=False, force=args.force,
+                                               lease=lease)
     finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
         await conn.close()
+        await lease.drop()
     con.result({**report.summary(), "actions": report.actions})
     return 1 if report.errors or report.skipped else 0
 

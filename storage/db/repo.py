@@ -122,13 +122,42 @@ async def insert_wal(
 
 
 async def commit_wal(conn: Conn, q: Queries, txid: uuid.UUID, result: dict[str, Any],
-                     at: datetime) -> bool:
-    return await conn.fetchval(q.commit_wal, txid, result, at) is not None
+                     at: datetime, *, claimer: uuid.UUID | None = None) -> bool:
+    """Commit a pending intent: an unclaimed one, or one claimed by ``claimer``."""
+    return await conn.fetchval(q.commit_wal, txid, result, at, claimer) is not None
 
 
 async def rollback_wal(conn: Conn, q: Queries, txid: uuid.UUID, error: str,
-                       at: datetime) -> bool:
-    return await conn.fetchval(q.rollback_wal, txid, error[:4000], at) is not None
+                       at: datetime, *, claimer: uuid.UUID | None = None) -> bool:
+    """Roll back a pending intent: an unclaimed one, or one claimed by ``claimer``."""
+    return await conn.fetchval(q.rollback_wal, txid, error[:4000], at, claimer) is not None
+
+
+async def claim_wal(conn: Conn, q: Queries, txid: uuid.UUID, claimer: uuid.UUID, *,
+                    ttl_s: float, force: bool = False) -> WalEntry | None:
+    """Claim a pending intent for ``claimer`` (see sql/wal.sql); None when refused."""
+    rec = await conn.fetchrow(q.claim_wal, txid, claimer, ttl_s, force)
+    return WalEntry.from_record(rec) if rec else None
+
+
+async def release_wal_claim(conn: Conn, q: Queries, txid: uuid.UUID,
+                            claimer: uuid.UUID) -> bool:
+    return await conn.fetchval(q.release_wal_claim, txid, claimer) is not None
+
+
+async def disown_wal(conn: Conn, q: Queries, txid: uuid.UUID) -> bool:
+    return await conn.fetchval(q.disown_wal, txid) is not None
+
+
+async def wal_state(conn: Conn, q: Queries, txid: uuid.UUID) -> tuple[str, uuid.UUID | None] | None:
+    """(status, claimer) of one intent, None when there is no such row."""
+    rec = await conn.fetchrow(q.wal_state, txid)
+    return (rec["status"], rec["claimed_by"]) if rec else None
+
+
+async def mode_for_commit(conn: Conn, q: Queries, app_mode: str) -> str:
+    """The effective mode, the config row locked for the transaction (as commit_batch)."""
+    return await conn.fetchval(q.mode_for_commit, app_mode)
 
 
 async def set_wal_temp(db: Db, txid: uuid.UUID, temp_path: str) -> bool:
@@ -146,9 +175,11 @@ async def pending_paths(db: Db) -> frozenset[str]:
     return frozenset(r["relative_path"] for r in await db.pool.fetch(db.q.pending_paths))
 
 
-async def abandon_wal(db: Db, txid: uuid.UUID, reason: str) -> bool:
-    """Leave a pending upload to recovery at once (see sql/wal.sql); False if not pending."""
-    return await db.pool.fetchval(db.q.abandon_wal, txid, reason) is not None
+async def abandon_wal(db: Db, txid: uuid.UUID, reason: str, *,
+                      claimer: uuid.UUID | None = None) -> bool:
+    """Leave a pending upload to recovery at once (see sql/wal.sql); False if it is not
+    pending, or claimed by another than ``claimer``."""
+    return await db.pool.fetchval(db.q.abandon_wal, txid, reason, claimer) is not None
 
 
 @dataclass(frozen=True, slots=True)

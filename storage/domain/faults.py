@@ -10,11 +10,17 @@ Points (see tests/domain/test_crash.py): ``upload.after_intent``, ``upload.after
 ``delete.after_intent``, ``delete.after_files``, ``delete.after_commit``,
 ``recovery.resolved``, ``commit.before_batch`` (a group commit about to be sent: earlier
 batches are acknowledged, its members are not), ``commit.after_batch`` (committed, its
-members not yet told); resumable uploads (tests/web/test_tus_process.py): ``tus.after_write``
+members not yet told), ``commit.retry_member`` (a refused batch retried one member
+at a time, before each); resumable uploads (tests/web/test_tus_process.py): ``tus.after_write``
 (a PATCH's bytes written, not yet synced), ``tus.after_commit`` (offset recorded, not yet
 acknowledged), ``tus.after_publish`` (the finished file's data and attr in place, no row
 yet), ``tus.after_finish`` (row in, upload not yet marked complete).
-``<name>@<n>`` fires at the n-th time the point is reached.
+``<name>@<n>`` fires at the n-th time the point is reached.  Recovery (issue 22):
+``recovery.claimed`` (an intent claimed), ``recovery.checked`` (an upload's files
+examined), ``recovery.removed`` (an incomplete upload's files removed, not yet rolled back).
+
+In-process tests can also *pause* at a point: :data:`HOOKS` maps a point's name to a
+coroutine function awaited there (tests/domain/test_fence.py forces interleavings so).
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 _hits: collections.Counter[str] = collections.Counter()
+HOOKS: dict[str, Callable[[], Awaitable[None]]] = {}  # tests only; empty in production
 
 
 async def point(el, name: str) -> None:
     """SIGKILL this process if ``name`` is the configured fault point (``el`` is anything
-    with the element's ``config``)."""
+    with the element's ``config``); first await the point's test hook, if any."""
+    if HOOKS and (hook := HOOKS.get(name)) is not None:
+        await hook()
     fault = el.config.fault_point
     if fault is None or not fault.startswith(name):
         return

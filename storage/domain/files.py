@@ -23,7 +23,7 @@ from ..db import repo, repo_cache
 from ..db.pool import session_state_changed, session_state_cleared
 from ..errors import NotFound, StorageError
 from ..models import FileMeta, Identity, Served, utcnow
-from . import attrmeta, faults, modes
+from . import attrmeta, faults, liveness, modes
 from .element import Element
 from .uploads import attr_document
 
@@ -146,6 +146,8 @@ async def _change(el: Element, txid: uuid.UUID, op: str, file_id: uuid.UUID,
     :raises Missing: no such file.  :raises BadRequest: the mode forbids ``action``.
     """
     allowed = modes.ALLOWED[action] if action else None
+    liveness.require_writable(el.runtime)
+    data = liveness.stamp(el.runtime, dict(data))
     async with el.db.pool.acquire() as conn:
         session_state_changed(conn)  # session locks: the pool resets it if we fail to
         began = await repo.begin_change(conn, el.db.q, txid=txid, op=op, file_id=file_id,
@@ -183,6 +185,9 @@ async def _release(el: Element, change: _Change, txid: uuid.UUID, file_id: uuid.
         session_state_cleared(change.conn)
     except Exception:  # the pool's reset (or the session's end) releases the lock
         log.exception("could not release the lock of WAL %s", txid)
+        error = None  # left pending: recovery's to settle
+    if error is None and (lease := liveness.owner(el.runtime)) is not None:
+        await asyncio.shield(lease.disown(txid))  # recovery's to finish, now
 
 
 async def _attr_extra(el: Element, meta: FileMeta) -> dict[str, Any] | None:

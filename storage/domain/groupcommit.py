@@ -150,6 +150,9 @@ class GroupCommit:
         self._free_bytes = free_bytes
         self.batcher: Batcher[Member, Any] = Batcher(self._run, name=db.q.prefix,
                                                      observe=observe)
+        # called with an intent this process leaves pending for recovery (set to the
+        # process lease's ``disown`` by the server, storage.domain.liveness)
+        self.orphaned: Callable[[uuid.UUID], Awaitable[None]] | None = None
 
     async def reserve(self, txid: uuid.UUID, need: int, *, intent: dict[str, Any] | None = None,
                       check_id: bool = False) -> repo.Reservation:
@@ -172,6 +175,8 @@ class GroupCommit:
                                             "the request was cancelled", utcnow())
                 except Exception:  # recovery resolves a row left pending
                     log.exception("could not release the reservation of WAL %s", txid)
+                    if self.orphaned is not None:
+                        await self.orphaned(txid)
 
         return undo
 
@@ -193,15 +198,20 @@ class GroupCommit:
             log.warning("group commit of %d members refused (%r); retrying one by one",
                         len(members), exc)
             results: list[Any] = []
-            for member in members:
+            for i, member in enumerate(members):
                 try:
+                    await faults.point(self, "commit.retry_member")
                     results += await repo.commit_batch(
                         self.db, [member], limit=self.config.storage_max_size, free=free,
                         app_mode=self.config.app_mode)
-                except asyncpg.PostgresError as one:
-                    if not _refused(one):
-                        raise
-                    results.append(one)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as one:
+                    if isinstance(one, asyncpg.PostgresError) and _refused(one):
+                        results.append(one)
+                        continue
+                    # the connection went: this member's outcome is unknown and the rest
+                    # were never sent; those already committed alone keep their results
+                    results += [one] * (len(members) - i)
+                    break
             return results
 
     async def _free(self) -> int | None:

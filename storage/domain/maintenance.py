@@ -127,9 +127,10 @@ async def quarantine(el: Element, relpath: str, doc: attrs.AttrDoc, why: str) ->
                           user_id="scrub", started_at=utcnow())
     try:
         await _copy(el, relpath, target)
-        await _put(el, target + ".attr-quarantined.json", await el.backend.read_attr(relpath))
         async with el.db.pool.acquire() as conn, conn.transaction():
             row = await repo.lock_file(conn, q, doc.file_id)
+            # the attr under the file's lock: a PATCH acknowledged before is in the evidence
+            await _put(el, target + ".attr-quarantined.json", await el.backend.read_attr(relpath))
             await el.backend.delete(relpath)
             if row is not None and row.relative_path == relpath:
                 await repo.delete_file(conn, q, doc.file_id)
@@ -193,8 +194,8 @@ async def _scrub_one(el: Element, relpath: str, tally: Tally, throttle: Throttle
         tally.add("bytes_checked", item.doc.file_size)
         return
     kind, why = found
-    if kind == "missing_data" and not await _attr_exists(el, relpath):
-        return  # deleted while we looked
+    if kind == "missing_data" and await _deleted_meanwhile(el, relpath, item.doc):
+        return
     tally.problem(kind, f"{relpath}: {why}")
     if move and kind in ("corrupt", "size_mismatch"):
         try:
@@ -204,6 +205,17 @@ async def _scrub_one(el: Element, relpath: str, tally: Tally, throttle: Throttle
         tally.add("quarantined")
         if len(tally.problems) < MAX_LISTED:
             tally.problems.append(f"{relpath}: moved to {target}")
+
+
+async def _deleted_meanwhile(el: Element, relpath: str, doc: attrs.AttrDoc) -> bool:
+    """True when the data is missing because a DELETE removed the file while we looked.
+    A DELETE unlinks the data before the attr, under the file's lock: waiting for that
+    lock lets one in flight finish, and then its attr (or row) is gone too."""
+    async with el.db.pool.acquire() as conn, conn.transaction():
+        row = await repo.lock_file(conn, el.db.q, doc.file_id)
+        if row is None or row.relative_path != relpath:
+            return not await el.backend.exists(relpath)
+        return not await _attr_exists(el, relpath)
 
 
 async def _attr_exists(el: Element, relpath: str) -> bool:

@@ -33,6 +33,7 @@ Which rows a pass may resolve, and when passes run (startup, every few minutes,
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
@@ -40,10 +41,10 @@ import asyncpg
 
 from .. import attrs
 from ..backends.base import ObjectMissing
-from ..db import repo, repo_cache
+from ..db import locks, repo, repo_cache, repo_leases
 from ..errors import StorageError
 from ..models import WalEntry, utcnow
-from . import attrmeta, faults, files, resumable
+from . import attrmeta, faults, files, liveness, modes, resumable
 from .element import Element
 from .maintenance import check_data
 
@@ -68,6 +69,8 @@ class Report:
     uploads_expired: int = 0  # resumable uploads removed after UPLOAD_EXPIRY_HOURS
     uploads_swept: int = 0  # finished upload records and orphaned staged bytes removed
     actions: list[str] = field(default_factory=list)
+    claimer: uuid.UUID | None = None  # the lease this pass claims intents with
+    force: bool = False  # resolve intents whose owner is alive too (``recover --force``)
 
     def note(self, wal: WalEntry, outcome: str, what: str) -> None:
         line = f"{wal.operation_type} {wal.file_id} (WAL {wal.transaction_id}): {outcome}: {what}"
@@ -76,17 +79,25 @@ class Report:
             self.actions.append(line)
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "actions"}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("actions", "claimer", "force")}
 
 
-async def _commit(el: Element, wal: WalEntry, result: dict, conn=None) -> None:
-    await repo.commit_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
-                          {"file_id": str(wal.file_id), **result}, utcnow())
+class ClaimLost(StorageError):
+    """The intent is no longer claimed by this pass (another took it over)."""
 
 
-async def _rollback(el: Element, wal: WalEntry, why: str, conn=None) -> None:
-    await repo.rollback_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
-                            f"recovery: {why}", utcnow())
+async def _commit(el: Element, wal: WalEntry, result: dict, report: Report, conn=None) -> None:
+    if not await repo.commit_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
+                                 {"file_id": str(wal.file_id), **result}, utcnow(),
+                                 claimer=report.claimer):
+        raise ClaimLost(f"WAL {wal.transaction_id} is no longer claimed by this pass")
+
+
+async def _rollback(el: Element, wal: WalEntry, why: str, report: Report, conn=None) -> None:
+    if not await repo.rollback_wal(conn or el.db.pool, el.db.q, wal.transaction_id,
+                                   f"recovery: {why}", utcnow(), claimer=report.claimer):
+        raise ClaimLost(f"WAL {wal.transaction_id} is no longer claimed by this pass")
 
 
 async def _complete_upload(el: Element, wal: WalEntry, relpath: str) -> attrs.AttrDoc | str:
@@ -106,26 +117,35 @@ async def _complete_upload(el: Element, wal: WalEntry, relpath: str) -> attrs.At
 async def _resolve_create(el: Element, wal: WalEntry, report: Report) -> None:
     relpath = wal.operation_data.get("relative_path")
     if not isinstance(relpath, str) or wal.file_id is None:
-        await _rollback(el, wal, "intent has no target path")
+        await _rollback(el, wal, "intent has no target path", report)
         report.rolled_back += 1
         return report.note(wal, "rolled back", "intent has no target path")
     row = await repo.get_file(el.db, wal.file_id)
     if row is not None and row.relative_path == relpath:
-        await _commit(el, wal, {"recovered": "row already present"})
+        await _commit(el, wal, {"recovered": "row already present"}, report)
         report.completed += 1
         return report.note(wal, "committed", "the row was already written")
     found = await _complete_upload(el, wal, relpath) if row is None else "id taken"
+    await faults.point(el, "recovery.checked")
     if isinstance(found, attrs.AttrDoc):
         meta = attrmeta.to_meta(found, files.ttl_hours(el))
         async with el.db.pool.acquire() as conn, conn.transaction():
-            await repo.insert_file(conn, el.db.q, meta)
-            await _commit(el, wal, {"checksum": meta.checksum, "file_size": meta.file_size,
-                                    "recovered": "data and attr complete"}, conn)
-        report.completed += 1
-        return report.note(wal, "committed", "data and attr file complete, row inserted")
+            # the mode as a live finish would see it: an upload is published only where
+            # uploads are allowed (a complete upload that outlived a change to ro/ar is
+            # removed, as its live finish would have been refused)
+            mode = await repo.mode_for_commit(conn, el.db.q, el.config.app_mode)
+            if mode in modes.ALLOWED["upload"]:
+                await repo.insert_file(conn, el.db.q, meta)
+                await _commit(el, wal, {"checksum": meta.checksum, "file_size": meta.file_size,
+                                        "recovered": "data and attr complete"}, report, conn)
+        if mode in modes.ALLOWED["upload"]:
+            report.completed += 1
+            return report.note(wal, "committed", "data and attr file complete, row inserted")
+        found = f"complete, but uploads are not published in {mode} mode"
     await el.backend.delete(relpath, owner=str(wal.transaction_id))  # not a rival's object
     await el.backend.discard_temp(relpath, str(wal.operation_data.get("temp_path") or ""))
-    await _rollback(el, wal, f"incomplete upload removed ({found})")
+    await faults.point(el, "recovery.removed")
+    await _rollback(el, wal, f"incomplete upload removed ({found})", report)
     report.rolled_back += 1
     report.note(wal, "rolled back", f"incomplete upload removed ({found})")
 
@@ -141,24 +161,24 @@ async def _resolve_update(el: Element, wal: WalEntry, report: Report) -> None:
     async with el.db.pool.acquire() as conn, conn.transaction():
         row = await repo_cache.lock_file_nowait(conn, q, wal.file_id)
         if row is None:
-            await _rollback(el, wal, "the file no longer exists", conn)
+            await _rollback(el, wal, "the file no longer exists", report, conn)
             report.rolled_back += 1
             return report.note(wal, "rolled back", "the file no longer exists")
         try:
             doc = attrs.loads(await el.backend.read_attr(row.relative_path), row.relative_path)
         except (ObjectMissing, attrs.AttrError) as exc:
             why = f"attr file unreadable, row left as it was ({exc})"
-            await _rollback(el, wal, why, conn)
+            await _rollback(el, wal, why, report, conn)
             report.rolled_back += 1
             return report.note(wal, "rolled back", why)
         fresh = attrmeta.to_meta(doc)
         fresh.storage_path, fresh.storage_filename = row.storage_path, row.storage_filename
         await repo.refresh_file(conn, q, fresh, files.ttl_hours(el))
         if _update_applied(wal.operation_data, doc):
-            await _commit(el, wal, {"recovered": "attr file has the update"}, conn)
+            await _commit(el, wal, {"recovered": "attr file has the update"}, report, conn)
             report.completed += 1
             return report.note(wal, "committed", "attr file has the update; row refreshed")
-        await _rollback(el, wal, "the update never reached the attr file", conn)
+        await _rollback(el, wal, "the update never reached the attr file", report, conn)
         report.rolled_back += 1
         report.note(wal, "rolled back", "the update never reached the attr file; row refreshed")
 
@@ -171,14 +191,14 @@ async def _resolve_removal(el: Element, wal: WalEntry, report: Report) -> None:
         relpath = row.relative_path if row else wal.operation_data.get("relative_path")
         if (wal.operation_type == "file_quarantine" and isinstance(relpath, str)
                 and await el.backend.exists(relpath)):
-            await _rollback(el, wal, "data still in place; quarantine abandoned", conn)
+            await _rollback(el, wal, "data still in place; quarantine abandoned", report, conn)
             report.rolled_back += 1
             return report.note(wal, "rolled back", "data still in place")
         if isinstance(relpath, str):
             await el.backend.delete(relpath)
         if row is not None:
             await repo.delete_file(conn, q, row.file_id)
-        await _commit(el, wal, {"recovered": "removal finished"}, conn)
+        await _commit(el, wal, {"recovered": "removal finished"}, report, conn)
     report.completed += 1
     report.note(wal, "committed", "removal finished (data, attr and row gone)")
 
@@ -208,38 +228,91 @@ RESOLVERS = {"file_create": _resolve_create, "file_update": _resolve_update,
              resumable.OP: _resolve_resumable}
 
 
+CLAIMED = ("file_create", "file_update", "file_delete", "file_quarantine")
+
+
 async def resolve(el: Element, wal: WalEntry, report: Report) -> None:
+    """Resolve one pending intent, claimed first (resumable uploads are held by their
+    record's lease instead, :mod:`storage.domain.resumable_lease`)."""
     resolver = RESOLVERS.get(wal.operation_type)
     if resolver is None:
         report.skipped += 1
         return report.note(wal, "left pending", "unknown operation type")
+    claimer = report.claimer
+    if wal.operation_type in CLAIMED and claimer is not None:
+        claimed = await repo.claim_wal(el.db.pool, el.db.q, wal.transaction_id, claimer,
+                                       ttl_s=liveness.LEASE_TTL_S, force=report.force)
+        if claimed is None:  # settled meanwhile, or its live owner (or a claimer) has it
+            return None
+        wal = claimed
+        await faults.point(el, "recovery.claimed")
     try:
         await resolver(el, wal, report)
     except asyncpg.LockNotAvailableError:
+        await _release(el, wal, claimer)
         report.skipped += 1
         return report.note(wal, "left pending", "a live operation holds the file")
     except (StorageError, asyncpg.PostgresError, OSError) as exc:
+        await _release(el, wal, claimer)
         report.errors += 1
         log.exception("recovery of WAL %s failed", wal.transaction_id)
         return report.note(wal, "left pending", f"failed: {exc}")
     await faults.point(el, "recovery.resolved")
 
 
-async def recover(el: Element, *, alone: bool) -> Report:
-    """Resolve pending WAL rows (all of them when ``alone``), sweep temps, purge the WAL."""
-    report = Report("exclusive" if alone else "shared")
+async def _release(el: Element, wal: WalEntry, claimer: uuid.UUID | None) -> None:
+    if claimer is None or wal.operation_type not in CLAIMED:
+        return
+    try:
+        await repo.release_wal_claim(el.db.pool, el.db.q, wal.transaction_id, claimer)
+    except (asyncpg.PostgresError, OSError):  # our own claim: this process re-takes it
+        log.exception("could not release the claim on WAL %s", wal.transaction_id)
+
+
+async def forget_dead_local(el: Element, own: uuid.UUID) -> list[repo_leases.LeaseRow]:
+    """Remove the live-looking leases of processes of this host that no longer exist (a
+    SIGKILLed predecessor); returns the other leases that remain live."""
+    live = await repo_leases.others_live(el.db.pool, el.db.q, own, liveness.LEASE_TTL_S)
+    dead = [r for r in live if locks.dead_local(locks.Holder(0, r.holder, None, ""))]
+    if dead:
+        await repo_leases.drop(el.db.pool, el.db.q, [r.lease_id for r in dead])
+        log.info("removed the leases of %d dead process(es) of this host", len(dead))
+    return [r for r in live if r not in dead]
+
+
+def _eligible(wal: WalEntry, now: datetime, *, alone: bool) -> bool:
+    """Whether a pass may try ``wal``.  An intent that names its owner's lease is tried
+    whatever its age (the claim refuses it while the owner lives); one without (written
+    before leases, or by a maintenance command) only by the age rules of a shared pass."""
+    if alone or "lease" in wal.operation_data or wal.operation_data.get("abandoned"):
+        return True  # (an upload that gave up but could not remove its data: at once)
+    if wal.operation_type == "file_create":
+        return wal.started_at <= now - STALE_CREATE
+    return wal.started_at <= now - STALE_CHANGE
+
+
+async def recover(el: Element, *, alone: bool, claimer: uuid.UUID | None = None,
+                  force: bool = False) -> Report:
+    """Resolve pending WAL rows (all of them when ``alone``), sweep temps, purge the WAL.
+
+    ``claimer``: the lease the intents are claimed with (default: this process's lease,
+    else a one-off id); ``force``: intents of live owners too (``recover --force``).
+    """
+    if claimer is None:
+        lease = liveness.owner(el.runtime)
+        claimer = lease.id if lease is not None else uuid.uuid4()
+    report = Report("exclusive" if alone or force else "shared", claimer=claimer, force=force)
+    await forget_dead_local(el, claimer)
+    alone = alone or force
     now = utcnow()
-    before = now + timedelta(days=1) if alone else now - STALE_CHANGE
     after: tuple[datetime, object] = (datetime.min.replace(tzinfo=now.tzinfo), repo_cache.NIL)
-    while rows := await repo_cache.pending_page(el.db.pool, el.db.q, before=before,
+    while rows := await repo_cache.pending_page(el.db.pool, el.db.q,
+                                                before=now + timedelta(days=1),
                                                 after=after, limit=PAGE):
         after = (rows[-1].started_at, rows[-1].transaction_id)
         for wal in rows:
-            if (not alone and wal.operation_type == "file_create"
-                    and wal.started_at > now - STALE_CREATE
-                    and not wal.operation_data.get("abandoned")):
-                continue  # maybe a live upload; one its owner abandoned is not
-            await resolve(el, wal, report)
+            if _eligible(wal, now, alone=alone):
+                await resolve(el, wal, report)
     report.uploads_swept = await resumable.sweep(el)
     # never a live upload's: a pending intent (plain or resumable) names its temp
     keep = await repo.pending_temps(el.db)
@@ -247,4 +320,5 @@ async def recover(el: Element, *, alone: bool) -> Report:
                                                                keep)
     report.wal_purged = await repo.purge_wal(
         el.db, utcnow() - timedelta(hours=el.config.wal_retention_hours))
+    await repo_leases.purge(el.db.pool, el.db.q, liveness.LEASE_FORGET_S)
     return report

@@ -17,6 +17,7 @@ from ..backends import make_staging
 from ..db import repo, repo_uploads
 from ..errors import ClientGone, Conflict, InsufficientStorage, PayloadTooLarge, StorageError
 from ..models import utcnow
+from . import liveness
 from .element import Element
 
 GROWTH_STEP = 64 * 1024 * 1024  # reservation step for bodies of unknown length
@@ -95,19 +96,31 @@ async def reserve(el: Element, txid: uuid.UUID, need: int, *, insert: dict | Non
                    check_id: bool = False) -> None:
     """Atomically check capacity and (insert the WAL row with | grow) a reservation.
 
-    :raises Conflict: the id is a file, or held by an unfinished resumable upload (see
-        ``migrations/0012.upload_ids.py``; one that expired is removed first, as its
-        ``HEAD`` already answers 404) / InsufficientStorage:
+    :raises Conflict: the id is a file, or held by an unfinished upload (see
+        ``migrations/0012.upload_ids.py``; a resumable one that expired is removed first,
+        as its ``HEAD`` already answers 404) / InsufficientStorage:
+    :raises Unavailable: (503) a new intent while this process cannot confirm its lease.
     """
+    if insert is not None:
+        liveness.require_writable(el.runtime)
     try:
-        r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
-    except asyncpg.UniqueViolationError as exc:
-        if insert is None or not (exc.constraint_name or "").endswith("_wal_upload_id"):
-            raise
-        if not await _reap_expired(el, insert["file_id"]):
-            raise Conflict(f"File with ID {insert['file_id']} is being uploaded by "
-                           "another request (an upload holds its ID until it ends)") from None
-        r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+        try:
+            r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+        except asyncpg.UniqueViolationError as exc:
+            if insert is None or not (exc.constraint_name or "").endswith("_wal_upload_id"):
+                raise
+            if not await _reap_expired(el, insert["file_id"]):
+                raise Conflict(f"File with ID {insert['file_id']} is being uploaded by "
+                               "another request (an upload holds its ID until it ends)") from None
+            r = await el.commits.reserve(txid, need, intent=insert, check_id=check_id)
+    except Conflict:
+        raise  # refused by the database: no intent was inserted
+    except Exception:
+        # the intent may have been inserted (a lost connection): never let it wait for
+        # this live process to die before recovery may resolve it
+        if insert is not None and (lease := liveness.owner(el.runtime)) is not None:
+            await lease.disown(txid)
+        raise
     if r.status == "exists":
         raise Conflict(f"File with ID {insert['file_id']} already exists")
     _refuse(el, r, need)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import Config
 
@@ -19,6 +20,7 @@ class Runtime:
     stopping: bool = False
     active_requests: int = 0  # requests inside the handlers (graceful shutdown waits for 0)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    lease: Any = None  # this process's liveness lease (storage.domain.liveness.Lease)
 
     def __post_init__(self) -> None:
         self.mode = self.mode or self.config.app_mode

@@ -31,7 +31,7 @@ from ..errors import (
     StorageError,
 )
 from ..models import FileMeta, Identity, utcnow
-from . import attrmeta, faults, naming, reservations
+from . import attrmeta, faults, liveness, naming, reservations
 from .element import Element
 
 log = logging.getLogger(__name__)
@@ -202,12 +202,12 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
     writer.tag = str(txid)  # an undo removes only an object this upload wrote
     intent = {
         "op": "file_create", "file_id": file_id, "user_id": who.sub, "started_at": now,
-        "data": {
+        "data": liveness.stamp(el.runtime, {
             "original_filename": meta.original_filename,
             "storage_filename": meta.storage_filename, "storage_path": meta.storage_path,
             "relative_path": meta.relative_path, "content_type": meta.content_type,
             "temp_path": writer.temp_name,
-        },
+        }),
     }
     try:
         await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
@@ -217,7 +217,7 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
         need = fallback  # a nearly full element: reserve no more than the file can be
         await reservations.reserve(el, txid, need, insert=intent, check_id=spec.file_id is not None)
     await faults.point(el, "upload.after_intent")
-    visible = committing = False
+    committing = False
     try:
         async with writer:
             if "md5" in spec.digests:
@@ -230,24 +230,53 @@ async def store(el: Element, spec: UploadSpec, who: Identity, chunks: AsyncItera
                 spec = dataclasses.replace(spec, **trailing)
                 meta.description, meta.version = spec.description, spec.version
                 meta.metadata_json = spec.metadata or None  # {} reads back as null
-            # data and attr document in one step: one directory fsync for both
-            await writer.commit(attr_document(meta))
-            visible = True
+            attr = attr_document(meta)
+            # data and attr document in one step: one directory fsync for both.  The
+            # commit thread's outcome decides, a cancellation waits for it (the writer is
+            # never aborted under it), and ``writer.landed`` says whether this upload's
+            # files may be in place (a failure after the link, such as the directory
+            # fsync, counts; a commit refused because another upload's file is at the
+            # name does not, and that file is never removed).
+            await _to_the_end(writer.commit(attr))
         await faults.point(el, "upload.after_files")
         committing = True
         meta = await finish(el, meta, txid)
         committing = False
         await faults.point(el, "upload.after_commit")
     except BaseException as exc:
+        if committing and isinstance(exc, Abandoned) and exc.claimed:
+            raise  # recovery holds the intent and decides about the files
         if committing and not _commit_refused(exc):
             # The row may be in: removing the files could leave it without them.
             log.warning("upload %s: the database commit may or may not have happened "
                         "(%r); WAL %s left pending for recovery", meta.file_id, exc, txid)
+            await asyncio.shield(_disown(el, txid))
             raise
         await asyncio.shield(_undo(el, meta, txid, exc, writer,
-                                   remove_data=visible or writer.landed))
+                                   remove_data=writer.landed))
         raise
     return meta
+
+
+async def _to_the_end(step) -> None:
+    """Await ``step`` until it has ended, even if the caller is cancelled meanwhile (the
+    cancellation is raised after; ``step``'s own error, if any, then goes unraised)."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+        except Exception:  # noqa: BLE001 - raised below, from the task
+            break
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise asyncio.CancelledError
+    task.result()
 
 
 def _commit_refused(exc: BaseException) -> bool:
@@ -280,7 +309,9 @@ async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
     result = {"file_id": str(meta.file_id), "checksum": meta.checksum,
               "file_size": meta.file_size}
     done = await el.commits.finish(meta, txid, result)
-    if done.status == "gone" and (row := await repo.get_file(el.db, meta.file_id)) is not None \
+    settled = await _settled(el, txid) if done.status == "gone" else "committed"
+    if done.status == "gone" and settled == "committed" \
+            and (row := await repo.get_file(el.db, meta.file_id)) is not None \
             and row.storage_filename == meta.storage_filename:
         return row  # recovery elsewhere found this very upload complete and finished it
     if done.status == "exists":
@@ -289,33 +320,86 @@ async def finish(el: Element, meta: FileMeta, txid: uuid.UUID) -> FileMeta:
         raise BadRequest(f"File upload not allowed in {done.mode} mode")
     if done.status == "gone":
         raise Abandoned("The upload was abandoned by crash recovery while it was running; "
-                        "nothing was stored, send it again", headers={"Retry-After": "1"})
+                        "nothing was stored, send it again", headers={"Retry-After": "1"},
+                        claimed=settled == "pending")
     return meta
 
 
+SETTLE_WAIT_S = 10.0  # how long a finish waits for recovery to settle a claimed intent
+
+
+async def _settled(el: Element, txid: uuid.UUID) -> str:
+    """The intent's status once no claimer is settling it, or "pending" if one still is
+    after :data:`SETTLE_WAIT_S` (its files are then the claimer's to keep or remove)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_WAIT_S
+    while True:
+        state = await repo.wal_state(el.db.pool, el.db.q, txid)
+        if state is None or state[0] != "pending" or state[1] is None:
+            return state[0] if state else "gone"
+        if loop.time() > deadline:
+            return "pending"
+        await asyncio.sleep(0.1)
+
+
 class Abandoned(StorageError):
-    """The upload's WAL intent was resolved by recovery before the upload finished."""
+    """The upload's WAL intent was resolved by recovery before the upload finished
+    (``claimed``: recovery is still resolving it, and owns its files)."""
 
     status, code = 503, "upload_abandoned"
+
+    def __init__(self, detail: str, *, claimed: bool = False, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.claimed = claimed
 
 
 async def _undo(el: Element, meta: FileMeta, txid: uuid.UUID, exc: BaseException,
                 writer: Writer, *, remove_data: bool) -> None:
-    """Remove what this upload wrote and roll its intent back.  What cannot be removed
-    (the store is down) stays named by the intent, left pending and marked abandoned so
-    the next recovery pass removes it (its reservation is released now)."""
+    """Remove what this upload wrote and roll its intent back.
+
+    When its files may be in place, the intent is claimed first: between the removal and
+    the rollback nobody may publish or resolve it.  Only an object this upload wrote is
+    removed (``writer.tag``: another upload's object at the same key stays).  What cannot
+    be removed (the store is down) stays named by the intent, left pending, abandoned and
+    disowned, so the next recovery pass removes it (its reservation is released now).
+    """
     reason = exc.detail if isinstance(exc, StorageError) else repr(exc)
+    lease = liveness.owner(el.runtime)
+    db, q = el.db, el.db.q
     try:
-        try:
-            if remove_data:
-                await el.backend.delete(meta.relative_path, owner=writer.tag)
-        except StorageError as failed:
-            writer.left = True
-            log.warning("upload %s: could not remove its data (%s)", meta.file_id,
-                        failed.detail)
-        if writer.left:
-            await repo.abandon_wal(el.db, txid, reason)
+        claimer = None
+        if remove_data and lease is not None:
+            if await repo.claim_wal(db.pool, q, txid, lease.id, ttl_s=liveness.LEASE_TTL_S,
+                                    force=True) is None:
+                state = await repo.wal_state(db.pool, q, txid)
+                if state is not None and state[0] == "rolled_back":
+                    # recovery settled it without this upload's files (linked after it looked)
+                    await _remove_own(el, meta, writer)
+                return  # else committed by recovery (it is a file now) or claimed by it
+            claimer = lease.id
+        if remove_data:
+            await _remove_own(el, meta, writer)
+        if writer.left:  # something of this upload could not be removed: recovery's turn
+            await repo.abandon_wal(el.db, txid, reason, claimer=claimer)
         else:
-            await repo.rollback_wal(el.db.pool, el.db.q, txid, reason, utcnow())
+            await repo.rollback_wal(db.pool, q, txid, reason, utcnow(), claimer=claimer)
     except Exception:  # recovery will resolve the pending row; never mask the real error
         log.exception("could not roll back upload %s (WAL %s)", meta.file_id, txid)
+        await _disown(el, txid)
+
+
+async def _remove_own(el: Element, meta: FileMeta, writer: Writer) -> None:
+    """Remove this upload's data object, never another upload's at the same key; when the
+    store refuses, ``writer.left`` says so."""
+    try:
+        await el.backend.delete(meta.relative_path, owner=writer.tag)
+    except StorageError as failed:
+        writer.left = True
+        log.warning("upload %s: could not remove its data (%s)", meta.file_id, failed.detail)
+
+
+async def _disown(el: Element, txid: uuid.UUID) -> None:
+    """Left pending with its outcome unknown: recovery may resolve it at its next pass."""
+    lease = liveness.owner(el.runtime)
+    if lease is not None:
+        await lease.disown(txid)

@@ -15,7 +15,7 @@ from ..config import Config
 from ..db import migrate
 from ..db.embedded import EmbeddedPostgres
 from ..db.pool import close_db, open_db
-from ..domain import recovery_passes
+from ..domain import liveness, recovery_passes
 from ..domain.element import (
     Element,
     backend_key,
@@ -115,30 +115,49 @@ async def element_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context (after ``element_ctx``): startup recovery before the port opens,
-    the serve lock for the process lifetime, and the periodic maintenance task."""
+    """Cleanup context (after ``element_ctx``): this process's lease, startup recovery
+    before the port opens, the serve lock for the process lifetime, the heartbeat and
+    the periodic maintenance task.  At shutdown the group commit drains *before* the
+    lease and the serve lock are given up: until then this process is alive to the
+    others, and nobody resolves the intents its last commits settle."""
     el = app[element_key]
     dsn = app[dsn_key]
     counted = app[metrics_key].count_recovery
+    lease = liveness.Lease(el.db, "serving")  # registered by the startup pass
+    el.runtime.lease = lease
+    el.commits.orphaned = lease.disown
     conn = await recovery_passes.connect(dsn)
     el.runtime.recovering = True
     try:
-        report = await recovery_passes.startup(el, conn, serve=True)
+        report = await recovery_passes.startup(el, conn, serve=True, lease=lease)
         log.info("startup recovery (%s pass): %s", report.mode, report.summary())
         counted(report)
     except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
         log.exception("startup recovery failed")
     finally:
         el.runtime.recovering = False
+    if not lease.registered:  # the pass failed before: the next heartbeat retries
+        with contextlib.suppress(Exception):
+            await lease.register()
     holder = [conn]
-    task = asyncio.create_task(recovery_passes.maintain(el, dsn, holder, counted),
-                               name="wal-maintenance")
+    tasks = [asyncio.create_task(recovery_passes.keep_alive(el, dsn, holder, lease),
+                                 name="liveness"),
+             asyncio.create_task(recovery_passes.maintain(el, counted), name="wal-maintenance")]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        el.runtime.stopping = True
+        await el.commits.close()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await lease.drop()
+        except Exception:  # noqa: BLE001 - it expires by itself
+            log.warning("could not drop this process's lease; it expires in %gs",
+                        liveness.LEASE_TTL_S)
         await holder[0].close()
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.backends import fsutil
 from storage.backends.base import ObjectMissing, StoreUnavailable
 from storage.backends.local import LocalBackend
 from storage.config import Config
@@ -74,3 +75,23 @@ async def test_attr_listing_can_stop_early(backend):
             break
     assert seen == ["2026/01/01/00/f0000", "2026/01/01/00/f0001", "2026/01/01/00/f0002"]
     assert len([p async for p in backend.iter_attr_paths()]) == 1200
+
+
+def test_a_directory_found_already_there_has_its_entry_made_durable(tmp_path):
+    """A writer that finds a new hour directory already there (made by another writer,
+    whose fsync of the parent may not have happened yet, or who died before it) fsyncs
+    the parents itself, the first time it uses the directory (issue 22)."""
+    root = tmp_path / "root"
+    hour = root / "2026" / "12" / "08" / "01"
+    hour.mkdir(parents=True)  # no fsync of any parent
+    synced: list = []
+    fsutil.ensure_durable(hour, root, fsync=synced.append)
+    assert synced == [root, root / "2026", root / "2026" / "12", root / "2026" / "12" / "08"]
+    synced.clear()
+    fsutil.ensure_durable(hour, root, fsync=synced.append)
+    assert synced == []  # once per directory and process
+    other = root / "2026" / "12" / "08" / "02"
+    other.mkdir()
+    fd = fsutil.open_dir(other, root)  # what a writer opens its directory with
+    os.close(fd)
+    assert str(other) in fsutil._DURABLE

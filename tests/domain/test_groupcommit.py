@@ -25,7 +25,7 @@ from helpers import config_of, stored_objects, upload, wal_outcomes
 
 from storage.backends.fsutil import DirSync
 from storage.db import repo
-from storage.domain import uploads
+from storage.domain import faults, uploads
 from storage.domain.element import element_key
 from storage.domain.groupcommit import Batcher
 from storage.models import Identity, utcnow
@@ -490,3 +490,32 @@ async def pair_of_apps(aiohttp_client, make_config):
     first = make_config()
     return (await aiohttp_client(make_app(first)),
             await aiohttp_client(make_app(first.with_())))
+
+
+async def test_a_connection_lost_during_the_retry_keeps_what_committed_alone(client):
+    """The one-by-one retry of a refused batch loses its connection at the third member:
+    the first committed alone and is told so; only the members not yet settled get the
+    error (before: every member did, and a committed finish answered 5xx)."""
+    el = client.app[element_key]
+    metas = [_meta(el, "fine-1.txt"), _meta(el, "bad.txt"), _meta(el, "unsent.txt")]
+    txids = await _intents(el, metas)
+    metas[1].version = "v" * 51  # the whole statement is refused: retried one by one
+    calls = 0
+
+    async def connection_lost():
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    faults.HOOKS["commit.retry_member"] = connection_lost
+    try:
+        done = await asyncio.gather(*(el.commits.finish(m, t, {})
+                                      for m, t in zip(metas, txids, strict=True)),
+                                    return_exceptions=True)
+    finally:
+        del faults.HOOKS["commit.retry_member"]
+    assert getattr(done[0], "status", None) == "ok"
+    assert isinstance(done[1], asyncpg.StringDataRightTruncationError)
+    assert isinstance(done[2], asyncpg.ConnectionDoesNotExistError)
+    assert await repo.get_file(el.db, metas[0].file_id) is not None
