@@ -82,7 +82,8 @@ FROM <prefix>_commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $1
 -- $1 transaction_id, $2 the claimer's lease, $3 lease TTL seconds, $4 force: the pending
 -- intent claimed for settling outside the group commit (recovery, or an upload undoing
 -- itself).  Refused (no row) when it is settled, claimed by another live lease, or (unless
--- $4) owned by another live lease (operation_data.lease).  One committed statement: the
+-- $4) owned by a live lease (operation_data.lease), the claimer's own included: a
+-- process's periodic pass never touches its own uploads in flight.  One committed statement: the
 -- claim survives a lost session, and a finish of a claimed intent answers "gone".
 UPDATE <prefix>_wal w SET claimed_by = $2, claimed_at = now()
 WHERE w.transaction_id = $1 AND w.status = 'pending'
@@ -93,7 +94,7 @@ WHERE w.transaction_id = $1 AND w.status = 'pending'
                > now() - make_interval(secs => $3)))
   AND ($4 OR NOT EXISTS (
         SELECT 1 FROM <prefix>_leases l
-         WHERE l.lease_id::text = w.operation_data ->> 'lease' AND l.lease_id <> $2
+         WHERE l.lease_id::text = w.operation_data ->> 'lease'
            AND greatest(l.heartbeat_at, pg_postmaster_start_time())
                > now() - make_interval(secs => $3)))
 RETURNING *;

@@ -93,6 +93,9 @@ async def test_a_live_owners_intents_are_left_alone_whatever_their_age(client, c
     plant(root, meta, b"still arriving")
     report = await recovery.recover(el, alone=False, claimer=uuid.uuid4())
     assert (report.completed, report.rolled_back) == (0, 0)
+    # nor does the owner's own periodic pass (which claims with the owner's lease)
+    report = await recovery.recover(el, alone=False)
+    assert report.claimer == lease.id and (report.completed, report.rolled_back) == (0, 0)
     conn = await connect(pg_dsn)
     try:
         assert (await _wal(conn, config.table_prefix, txid))[0] == "pending"
