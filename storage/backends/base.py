@@ -9,6 +9,7 @@ errors below, never a bare ``OSError`` or botocore error.
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -182,6 +183,18 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def exists(self, relpath: str) -> bool: ...
+
+    async def missing(self, relpaths: list[str]) -> set[str]:
+        """Those of ``relpaths`` whose data object does not exist (a few lookups at a
+        time; a backend with cheaper lookups overrides it)."""
+        gate = asyncio.Semaphore(16)
+
+        async def one(relpath: str) -> bool:
+            async with gate:
+                return await self.exists(relpath)
+
+        found = await asyncio.gather(*(one(p) for p in relpaths))
+        return {p for p, there in zip(relpaths, found, strict=True) if not there}
 
     @abc.abstractmethod
     def iter_attr_paths(self) -> AsyncIterator[str]:

@@ -258,6 +258,11 @@ class LocalBackend(Backend):
     async def exists(self, relpath: str) -> bool:
         return await asyncio.to_thread(self.path(relpath).is_file)
 
+    async def missing(self, relpaths: list[str]) -> set[str]:
+        """One thread hop for the whole batch (a stat each)."""
+        paths = [(p, self.path(p)) for p in relpaths]
+        return await asyncio.to_thread(lambda: {p for p, a in paths if not a.is_file()})
+
     def _walk_attr_batches(self, emit, stop: threading.Event, size: int = 500) -> None:
         """Walk the tree in a thread, handing over sorted relpaths in batches.
 
