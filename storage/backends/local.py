@@ -190,21 +190,27 @@ class LocalBackend(Backend):
                content_type: str | None = None) -> Writer:
         return LocalWriter(self, relpath)  # a file has no content type; the attr keeps it
 
-    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
+    async def open(self, relpath: str, *, expect_size: int | None = None,
+                   expect_version: str | None = None) -> Reader:
         # an open() and an fstat() cost no round trip: expect_size is not needed here
         path = self.path(relpath)
 
         def _open():
             fobj = os.fdopen(open_real(path), "rb")  # closed by LocalReader.close
-            return fobj, os.fstat(fobj.fileno()).st_size
+            st = os.fstat(fobj.fileno())
+            version = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+            if expect_version is not None and version != expect_version:
+                fobj.close()
+                raise FileNotFoundError(path)  # another file now lies at that path
+            return fobj, st.st_size, version
 
         try:
-            fobj, size = await asyncio.to_thread(_open)
+            fobj, size, version = await asyncio.to_thread(_open)
         except FileNotFoundError:
             raise ObjectMissing(f"Stored data for {relpath} is missing") from None
         except OSError as exc:
             raise _translate(exc, "read the file") from exc
-        return LocalReader(fobj, ObjectInfo(size=size, path=path))
+        return LocalReader(fobj, ObjectInfo(size=size, path=path, version=version))
 
     async def read_attr(self, relpath: str) -> bytes:
         path = self.path(relpath + ATTR_SUFFIX)

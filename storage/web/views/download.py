@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from aiohttp import hdrs, web
 
@@ -105,7 +106,7 @@ async def _download(request: web.Request, el, served: Served) -> web.StreamRespo
     before a header was sent)."""
     headers = dict(served.headers)
     if _not_modified(request, served, headers):
-        if served.cached:  # the row was not read: make sure the data is still there
+        if served.cached:  # the row was not read: make sure the data is still that file's
             await (await _open(el, served, None)).close()
         return web.Response(status=304, headers=headers)
     ranges = _ranges(request, served, headers[hdrs.ETAG])
@@ -118,12 +119,17 @@ async def _download(request: web.Request, el, served: Served) -> web.StreamRespo
             raise _damaged(served)
         return await _send(request, served, reader, headers, ranges)
     finally:
+        if not served.cached and reader.info.version is not None:
+            el.served.put(replace(served, cached=True, version=reader.info.version))
         await reader.close()
 
 
 async def _open(el, served: Served, expect: int | None) -> Reader:
+    """Open the data object; a cached entry only opens the object it was made from (the
+    id may have been deleted and uploaded anew at the same path by another process)."""
     try:
-        return await el.backend.open(served.relative_path, expect_size=expect)
+        return await el.backend.open(served.relative_path, expect_size=expect,
+                                     expect_version=served.version if served.cached else None)
     except ObjectMissing:
         raise _Gone from None
 
