@@ -122,3 +122,30 @@ async def test_an_id_uploaded_anew_at_the_same_path_is_served_with_its_own_heade
     assert resp.headers["ETag"] == new_etag
     resp = await a.get(url(fid), headers=auth())
     assert await resp.read() == new and resp.headers["ETag"] == new_etag
+
+
+@BOTH_BACKENDS
+async def test_a_range_or_if_match_judged_from_memory_is_checked_against_the_store(pair,
+                                                                                   auth):
+    """Issue 26 (found by the history checker): the cached size and ETag of a file deleted
+    in another process gave a 416 (range past its old end) or a 412 instead of the 404,
+    and, once uploaded anew and larger, a 416 for a range inside the new file."""
+    a, b = pair
+    fid = str(uuid.uuid4())
+    old = os.urandom(100)
+    assert (await a.put(f"/api/v1/files/{fid}", data=old, headers=auth())).status == 201
+    etag = (await a.get(url(fid), headers=auth())).headers["ETag"]
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    for extra in ({"Range": "bytes=5000-6000"}, {"If-Match": '"' + "0" * 64 + '"'}):
+        resp = await a.get(url(fid), headers={**auth(), **extra})
+        assert resp.status == 404, (extra, resp.status)
+    await a.get(url(fid), headers=auth())  # nothing cached now; cache it again:
+    assert (await a.put(f"/api/v1/files/{fid}", data=old, headers=auth())).status == 201
+    assert (await a.get(url(fid), headers=auth())).headers["ETag"] == etag
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    new = os.urandom(10_000)
+    assert (await b.put(f"/api/v1/files/{fid}", data=new, headers=auth())).status == 201
+    resp = await a.get(url(fid), headers={**auth(), "Range": "bytes=5000-5009"})
+    assert resp.status == 206 and await resp.read() == new[5000:5010]
+    resp = await a.get(url(fid), headers={**auth(), "If-Match": f'"{sha256(new)}"'})
+    assert resp.status == 200 and await resp.read() == new

@@ -91,13 +91,18 @@ async def download(request: web.Request) -> web.StreamResponse:
     file_id = validate.file_id(request.match_info["file_id"])
     served = await files.served(el, file_id, headers=_headers)
     try:
-        return await _download(request, el, served)
-    except _Gone:
-        if served.cached:  # deleted, maybe uploaded anew elsewhere: ask the database
+        try:
+            return await _download(request, el, served)
+        except (_Gone, RangeNotSatisfiable, PreconditionFailed):
+            # A cached entry decides nothing alone: a 416 or 412 judged on its size or
+            # ETag may be about a file deleted (or uploaded anew) in another process, as
+            # a missing object is: ask the database
+            if not served.cached:
+                raise
             el.served.forget(file_id)
             served = await files.served(el, file_id, headers=_headers, fresh=True)
-            with contextlib.suppress(_Gone):
-                return await _download(request, el, served)
+            return await _download(request, el, served)
+    except _Gone:
         raise NotFound(f"File {file_id} not found: its stored data is missing") from None
 
 
