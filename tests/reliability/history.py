@@ -607,6 +607,7 @@ class State:
     seen_etags: dict[str, list[str]] = field(default_factory=dict)
     tus_open: dict[str, int] = field(default_factory=dict)  # id -> declared length
     tus_ids: list[str] = field(default_factory=list)
+    tus_maybe: dict[str, int] = field(default_factory=dict)  # creation answer lost
 
 
 class Run:
@@ -864,6 +865,8 @@ class Run:
             opened, session, "POST", f"{self.element.url(proc)}/api/v1/uploads",
             headers={**tus, "Upload-Length": str(size), "Upload-Metadata": meta})
         self._finish(opened, status, {201}, detail=_detail(status, body))
+        if status is None or status >= 500:
+            self.state.tus_maybe[fid] = size  # it may exist (a reservation until expiry)
         if status != 201:
             return
         self.state.tus_ids.append(fid)
@@ -1044,6 +1047,7 @@ class Run:
         """Read every id from every process; compare listing, search and capacity."""
         await self.ready()
         problems: list[str] = []
+        await self._resolve_tus()
         ids = [i for i in self.state.ids + self.state.tus_ids if i not in self.state.damaged]
         observed: dict[str, dict | None] = {}
         async with aiohttp.ClientSession(headers=self.headers,
@@ -1099,6 +1103,20 @@ class Run:
                 "base", id=fid, sha=v["sha"] if v else None, tag=v["tag"] if v else None,
                 size=v["size"] if v else 0), "ok")
         return problems
+
+    async def _resolve_tus(self) -> None:
+        """Which tus uploads are open (reserving their length) at a quiescent point: those
+        the clients left, and those whose creation answer was lost (HEAD says)."""
+        async with aiohttp.ClientSession(headers=self.headers) as session:
+            for fid, size in [*self.state.tus_maybe.items(), *self.state.tus_open.items()]:
+                async with session.head(f"{self.element.url(0)}/api/v1/uploads/{fid}",
+                                        headers={"Tus-Resumable": "1.0.0"}) as r:
+                    offset = int(r.headers.get("Upload-Offset", -1))
+                    if r.status == 200 and offset < size:
+                        self.state.tus_open[fid] = size
+                    else:
+                        self.state.tus_open.pop(fid, None)
+                self.state.tus_maybe.pop(fid, None)
 
     async def _pending(self) -> list[dict]:
         conn = await asyncpg.connect(self.db.dsn)
