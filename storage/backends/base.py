@@ -16,13 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InsufficientStorage, NotFound, Unavailable
+from ..errors import Conflict, InsufficientStorage, NotFound, Unavailable
 
 ATTR_SUFFIX = ".attr.json"
 
 
 class ObjectMissing(NotFound):
     """The data or attr object is not in the store."""
+
+
+class ObjectExists(Conflict):
+    """A commit found its path taken: another upload of the same file id (same name,
+    within the same second) stored its object first.  Nothing of this upload stays."""
+
+
+EXISTS = "Another upload of this file id stored its data first"
 
 
 class NoSpace(InsufficientStorage):

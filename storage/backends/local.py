@@ -21,9 +21,11 @@ from .. import attrs
 from ..config import Config
 from .base import (
     ATTR_SUFFIX,
+    EXISTS,
     Backend,
     Hasher,
     NoSpace,
+    ObjectExists,
     ObjectInfo,
     ObjectMissing,
     Reader,
@@ -116,6 +118,8 @@ class LocalWriter(Writer):
     async def commit(self, attr: bytes | None = None) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._commit, attr)
+        except FileExistsError:
+            raise ObjectExists(EXISTS) from None
         except OSError as exc:
             raise _translate(exc, "store the file") from exc
 

@@ -25,9 +25,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..config import Config
 from .base import (
     ATTR_SUFFIX,
+    EXISTS,
     Backend,
     Hasher,
     NoSpace,
+    ObjectExists,
     ObjectInfo,
     ObjectMissing,
     Reader,
@@ -70,6 +72,18 @@ def translating(what: str, missing: str | None = None) -> Iterator[None]:
         raise StoreUnavailable(f"S3 error while trying to {what}: {code} {message}") from exc
     except (BotoCoreError, aiohttp.ClientError, OSError) as exc:  # OSError covers timeouts
         raise StoreUnavailable(f"S3 is unreachable while trying to {what}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _exists_is_conflict() -> Iterator[None]:
+    """A conditional commit's 412: the key is taken (:class:`ObjectExists`)."""
+    try:
+        yield
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 412 or exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+            raise ObjectExists(EXISTS) from exc
+        raise
 
 
 class S3Writer(Writer):
@@ -137,11 +151,11 @@ class S3Writer(Writer):
     async def commit(self, attr: bytes | None = None) -> None:
         """Single put or complete the upload, then the attr object if given.
 
-        :raises StoreUnavailable: also if the key exists"""
+        :raises ObjectExists: if the key exists (the conditional write's 412)"""
         if self._finished:
             raise StoreUnavailable("The upload was already committed or aborted")
         client, bucket = self._backend.client, self._backend.bucket
-        with translating("store the file"):
+        with translating("store the file"), _exists_is_conflict():
             if not self._upload_id:
                 meta = {"checksum": self.sha256, "original_size": str(self.size)}
                 self._buf.seek(0)
