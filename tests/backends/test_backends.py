@@ -19,7 +19,7 @@ import pytest
 from botocore.exceptions import ClientError
 from s3server import client, create_bucket, free_ports
 
-from storage.backends.base import Backend, NoSpace, ObjectMissing, StoreUnavailable
+from storage.backends.base import Backend, NoSpace, ObjectExists, ObjectMissing, StoreUnavailable
 from storage.backends.local import TEMP_PREFIX, LocalBackend
 from storage.backends.s3 import S3Backend, translating
 from storage.config import Config
@@ -170,7 +170,7 @@ async def test_exception_inside_block_aborts(backend):
 
 async def test_commit_never_clobbers(backend):
     await store(backend, rel(), b"first")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(ObjectExists):  # a Conflict (409): another upload took the path
         await store(backend, rel(), b"second")
     assert await read(backend, rel()) == b"first"
     assert await leftovers(backend) == []
