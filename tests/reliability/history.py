@@ -132,6 +132,7 @@ from storage.db.embedded import EmbeddedPostgres  # noqa: E402
 KIB, MIB = 1024, 1024 * 1024
 ALLOWANCE = 64 * KIB  # per upload in flight: multipart framing, attr document
 GRACE = 3.0  # seconds after a fault heals during which 503s and client errors are fine
+MODE_LAG = 1.0  # a mode change reaches every process within a second (storage.domain.modes)
 FAULTS = ("kill", "pause", "pg")
 # operation -> weight
 MIX = {"upload": 14, "put_reuse": 6, "download": 14, "range": 6, "head": 4, "cond": 4,
@@ -308,8 +309,11 @@ class Checker:
         for i, m in enumerate(self.modes):
             if m.get("target") != "ro" or m["type"] == "fail":
                 continue
-            back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"), None)
-            end = _done(back) if back else float("inf")
+            back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"
+                         and n["type"] == "ok"), None)
+            # each process polls the mode (MODE_REFRESH_INTERVAL, 0.25 s): one that has
+            # not seen the switch back yet still refuses a write it starts
+            end = _done(back) + MODE_LAG if back else float("inf")
             if m["inv"] <= hi and lo <= end:
                 return True
         return False
@@ -318,7 +322,8 @@ class Checker:
         for i, m in enumerate(self.modes):
             if m.get("target") != "ro" or m["type"] != "ok":
                 continue
-            back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"), None)
+            back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"
+                         and n["type"] != "fail"), None)
             start = back["inv"] if back else float("inf")
             if m["done"] < ev["inv"] < start:
                 return True
@@ -625,6 +630,8 @@ class Run:
         self.counter = 0
         self.stop = asyncio.Event()
         self.headers: dict[str, str] = {}
+        self.phase = 0
+        self.notes: list[str] = []  # oddities that are not violations, for the report
         self.pending_seen = 0  # most pending intents (of killed processes) at a quiescent point
         self.summary: dict[str, Any] = {}
 
@@ -668,7 +675,7 @@ class Run:
     def _finish(self, ev: dict, status: int | None, ok: set[int], **fields: Any) -> None:
         if status in ok:
             type_ = "ok"
-        elif status is None or status >= 500:
+        elif status is None or status in (500, 502, 503, 504):  # 507: a definite refusal
             type_ = "info"
         else:
             type_ = "fail"
@@ -963,7 +970,7 @@ class Run:
             self._finish(ev, status, {200, 409}, detail=_detail(status, body))
 
     async def client(self, c: int) -> None:
-        rng = random.Random(f"{self.s.seed}:client:{c}")
+        rng = random.Random(f"{self.s.seed}:client:{c}:{self.phase}")
         kinds, weights = zip(*self.mix.items(), strict=True)
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as session:
@@ -1030,12 +1037,12 @@ class Run:
             while not self.stop.is_set():
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
                 for target in ("ro", "rw"):
-                    proc = rng.randrange(self.s.procs)
-                    for _attempt in range(20):
+                    for _attempt in range(100):
+                        proc = rng.randrange(self.s.procs)
                         ev = self.history.invoke("mode", target=target, proc=proc)
                         status, _, body = await self._request(
                             ev, session, "POST", f"{self.element.url(proc)}/api/v1/mode",
-                            json={"mode": target, "confirm": True})
+                            json={"target_mode": target, "confirm": True})
                         if status == 400 and b"already" in body:
                             self._finish(ev, 200, {200}, detail=_detail(status, body))
                             break
@@ -1119,7 +1126,7 @@ class Run:
         want = (sum(v["size"] for v in observed.values() if v) + sum(self.state.damaged.values())
                 + sum(self.state.tus_open.values())
                 + sum(p["reserved_bytes"] for p in pending
-                      if p["operation_type"] != "file_upload_resumable"))
+                      if str(p["file_id"]) not in self.state.tus_open))
         if used != want:
             problems.append(f"{label}: pending WAL rows: {pending}")
             problems.append(f"{label}: capacity used {used} != {want} (live files "
@@ -1180,9 +1187,10 @@ class Run:
     async def damage(self, rng: random.Random) -> str | None:
         """Remove one present file's data object behind the element's back."""
         candidates = []
-        for ev in reversed(self.history.events):
+        unsure = {e["id"] for e in self.history.events if e["type"] == "info" and e.get("id")}
+        for ev in reversed(self.history.events):  # (an unknown write might still land)
             if ev["f"] == "base" and ev["sha"] and ev["id"] not in self.state.damaged \
-                    and ev["id"] in self.state.ids:
+                    and ev["id"] in self.state.ids and ev["id"] not in unsure:
                 candidates.append(ev)
         seen, picks = set(), []
         for ev in candidates:
@@ -1256,6 +1264,12 @@ class Run:
             problems.append(f"end: check finds orphan attr files: {sorted(orphans)}")
         code, scrubbed = await asyncio.to_thread(self.element.run_cli, "scrub",
                                                  "--quarantine")
+        if scrubbed.get("quarantine_failed"):  # a store error: an operator runs it again
+            self.notes.append(f"scrub --quarantine failed once: {scrubbed.get('problems')}")
+            first = scrubbed.get("quarantined", 0)
+            code, scrubbed = await asyncio.to_thread(self.element.run_cli, "scrub",
+                                                     "--quarantine")
+            scrubbed["quarantined"] = scrubbed.get("quarantined", 0) + first
         if scrubbed.get("quarantined") != damaged or scrubbed.get("corrupt") or \
                 scrubbed.get("size_mismatch"):
             problems.append(f"end: scrub --quarantine: {scrubbed}")
@@ -1341,6 +1355,7 @@ class Run:
         frng = random.Random(f"{s.seed}:faults")
         problems: list[str] = []
         for phase in range(s.phases):
+            self.phase = phase
             self.stop.clear()
             clients = [asyncio.create_task(self.client(c)) for c in range(s.clients)]
             moder = asyncio.create_task(self.moder(random.Random(f"{s.seed}:mode:{phase}")))
@@ -1363,6 +1378,7 @@ class Run:
             "restarts": self.element.starts - s.procs,
             "damaged": len(self.state.damaged),
             "pending_after_kill": self.pending_seen,
+            "notes": self.notes,
         }
         return {"problems": problems}
 
@@ -1404,7 +1420,8 @@ class Result:
                 f"({sm.get('ok')} ok, {sm.get('fail')} refused, {sm.get('info')} unknown), "
                 f"{sm.get('faults')} faults, {sm.get('restarts')} restarts, "
                 f"{sm.get('pending_after_kill')} intents of killed processes left pending, "
-                f"{len(self.violations)} violation(s)")
+                f"{len(self.violations)} violation(s)"
+                + "".join(f"\n  note: {n}" for n in sm.get("notes", ())))
 
     def report(self) -> str:
         if self.ok:
