@@ -172,6 +172,16 @@ WHERE f.file_id = ANY($1::uuid[]) AND f.cache_updated_at < $2
                     AND (w.status = 'pending' OR w.completed_at >= $3))
 RETURNING f.file_id;
 
+-- name: rebuild_delete_without_data
+-- $1 file id, $2 storage path, $3 storage filename, $4 checksum: the row of an attr
+-- document whose data object is gone (checked just before), unless a write is in flight
+-- on the file or the row now describes other bytes
+DELETE FROM <prefix>_files f
+WHERE f.file_id = $1 AND f.storage_path = $2 AND f.storage_filename = $3 AND f.checksum = $4
+  AND NOT EXISTS (SELECT 1 FROM <prefix>_wal w
+                  WHERE w.file_id = f.file_id AND w.status = 'pending')
+RETURNING f.file_id;
+
 -- name: totals_lock
 -- no parameters: the config row, locked so totals_recompute sees every committed file
 SELECT id FROM <prefix>_config WHERE id = 1 FOR UPDATE;

@@ -131,6 +131,9 @@ class Served:
     cache_expires_at: datetime  # the row's lazy-refresh deadline (reference §7.2)
     headers: tuple[tuple[str, str], ...] = ()  # response headers built once from the above
     cached: bool = False  # True when this came from the in-memory cache
+    # the stored object's version (ObjectInfo.version) seen by a download of this entry;
+    # a cached entry is served only for that very object
+    version: str | None = None
 
 
 ROLES = ("admin", "operator", "user", "readonly")

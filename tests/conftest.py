@@ -40,8 +40,32 @@ settings.register_profile("explore", max_examples=2000, deadline=None,
                           suppress_health_check=_SHARED_FIXTURES)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
+# The selection of the plain ``pytest`` run (addopts in setup.cfg).  The coverage gate
+# (fail_under there) measures that run; a run with another marker selection (``pytest -m
+# reliability``, ``-m history``, ``-m heavy``) covers a slice of the code by design, so
+# the gate is off for it (pytest_configure below) and a run whose tests pass exits 0.
+DEFAULT_SELECTION = "not heavy and not reliability"
+
 S3_BUCKET = "se-tests"
 S3_PART = 5 * 1024 * 1024  # the smallest multipart threshold S3 allows
+
+
+def _gate_off(config) -> bool:
+    explicit = any(str(a).startswith("--cov-fail-under") for a in config.invocation_params.args)
+    return config.option.markexpr != DEFAULT_SELECTION and not explicit
+
+
+def pytest_configure(config):
+    plugin = config.pluginmanager.getplugin("_cov")
+    if plugin is not None and _gate_off(config):
+        plugin.options.cov_fail_under = 0
+
+
+def pytest_report_header(config):
+    if config.pluginmanager.getplugin("_cov") is not None and _gate_off(config):
+        return (f"coverage gate off: -m {config.option.markexpr!r} is not the full run "
+                f"({DEFAULT_SELECTION!r}); pass --cov-fail-under=N to keep one")
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ errors below, never a bare ``OSError`` or botocore error.
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -141,6 +142,11 @@ class Writer(abc.ABC):
 class ObjectInfo:
     size: int
     path: Path | None = None  # local file path (enables sendfile), None for S3
+    # Which stored object this is: another object written at the same path later (the id
+    # deleted and uploaded anew within the same second) has another version.  Local: the
+    # inode and its mtime; S3: the object's ETag (known after the first GET when opened
+    # with ``expect_size``).
+    version: str | None = None
 
 
 class Reader(abc.ABC):
@@ -173,8 +179,10 @@ class Backend(abc.ABC):
         is stored with the object where the store keeps one (S3), else ignored."""
 
     @abc.abstractmethod
-    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
-        """:raises ObjectMissing: when the data object does not exist.
+    async def open(self, relpath: str, *, expect_size: int | None = None,
+                   expect_version: str | None = None) -> Reader:
+        """:raises ObjectMissing: when the data object does not exist, or (with
+        ``expect_version``) is another object than the one of that version.
 
         With ``expect_size`` a backend whose lookups cost a round trip (S3) may skip the
         lookup: ``info.size`` is then ``expect_size``, and the first read raises
@@ -198,6 +206,18 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def exists(self, relpath: str) -> bool: ...
+
+    async def missing(self, relpaths: list[str]) -> set[str]:
+        """Those of ``relpaths`` whose data object does not exist (a few lookups at a
+        time; a backend with cheaper lookups overrides it)."""
+        gate = asyncio.Semaphore(16)
+
+        async def one(relpath: str) -> bool:
+            async with gate:
+                return await self.exists(relpath)
+
+        found = await asyncio.gather(*(one(p) for p in relpaths))
+        return {p for p, there in zip(relpaths, found, strict=True) if not there}
 
     @abc.abstractmethod
     def iter_attr_paths(self) -> AsyncIterator[str]:

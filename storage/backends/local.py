@@ -194,21 +194,27 @@ class LocalBackend(Backend):
                content_type: str | None = None) -> Writer:
         return LocalWriter(self, relpath)  # a file has no content type; the attr keeps it
 
-    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
+    async def open(self, relpath: str, *, expect_size: int | None = None,
+                   expect_version: str | None = None) -> Reader:
         # an open() and an fstat() cost no round trip: expect_size is not needed here
         path = self.path(relpath)
 
         def _open():
             fobj = os.fdopen(open_real(path), "rb")  # closed by LocalReader.close
-            return fobj, os.fstat(fobj.fileno()).st_size
+            st = os.fstat(fobj.fileno())
+            version = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+            if expect_version is not None and version != expect_version:
+                fobj.close()
+                raise FileNotFoundError(path)  # another file now lies at that path
+            return fobj, st.st_size, version
 
         try:
-            fobj, size = await asyncio.to_thread(_open)
+            fobj, size, version = await asyncio.to_thread(_open)
         except FileNotFoundError:
             raise ObjectMissing(f"Stored data for {relpath} is missing") from None
         except OSError as exc:
             raise _translate(exc, "read the file") from exc
-        return LocalReader(fobj, ObjectInfo(size=size, path=path))
+        return LocalReader(fobj, ObjectInfo(size=size, path=path, version=version))
 
     async def read_attr(self, relpath: str) -> bytes:
         path = self.path(relpath + ATTR_SUFFIX)
@@ -261,6 +267,11 @@ class LocalBackend(Backend):
 
     async def exists(self, relpath: str) -> bool:
         return await asyncio.to_thread(self.path(relpath).is_file)
+
+    async def missing(self, relpaths: list[str]) -> set[str]:
+        """One thread hop for the whole batch (a stat each)."""
+        paths = [(p, self.path(p)) for p in relpaths]
+        return await asyncio.to_thread(lambda: {p for p, a in paths if not a.is_file()})
 
     def _walk_attr_batches(self, emit, stop: threading.Event, size: int = 500) -> None:
         """Walk the tree in a thread, handing over sorted relpaths in batches.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -68,7 +69,7 @@ def translating(what: str, missing: str | None = None) -> Iterator[None]:
     except ClientError as exc:
         error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
         code, status = str(error.get("Code", "")), meta.get("HTTPStatusCode")
-        if missing and (code in _MISSING or status == 404):
+        if missing and (code in _MISSING or status in (404, 412)):  # 412: If-Match
             raise ObjectMissing(missing) from exc
         if code in _SPACE or status == 507:
             raise NoSpace(f"Not enough storage space to {what} ({code})") from exc
@@ -225,7 +226,7 @@ class S3Reader(Reader):
     def __init__(self, backend: S3Backend, key: str, info: ObjectInfo, *,
                  verify: bool = False) -> None:
         self._backend, self._key, self.info = backend, key, info
-        self._verify = verify
+        self._verify = verify  # info.version, when set, is also checked (If-Match)
 
     def _check_size(self, resp: dict[str, Any]) -> None:
         total = str(resp.get("ContentRange", "")).rpartition("/")[2]
@@ -240,11 +241,15 @@ class S3Reader(Reader):
             return
         missing, sent = f"Stored data at {self._key} is missing", 0
         with translating("read the file", missing=missing):
+            extra = {"IfMatch": self.info.version} if self.info.version else {}
             resp = await self._backend.streams.get_object(
-                Bucket=self._backend.bucket, Key=self._key, Range=f"bytes={start}-{end}")
+                Bucket=self._backend.bucket, Key=self._key, Range=f"bytes={start}-{end}",
+                **extra)
             async with resp["Body"] as body:
                 if self._verify:
                     self._check_size(resp)
+                if self.info.version is None and resp.get("ETag"):
+                    self.info = dataclasses.replace(self.info, version=resp["ETag"])
                 async for data in body.iter_chunks(chunk_size):
                     sent += len(data)
                     yield data
@@ -323,13 +328,17 @@ class S3Backend(Backend):
             return await self.client.head_object(Bucket=self.bucket, Key=key)
         return None
 
-    async def open(self, relpath: str, *, expect_size: int | None = None) -> Reader:
+    async def open(self, relpath: str, *, expect_size: int | None = None,
+                   expect_version: str | None = None) -> Reader:
         key = self.key(relpath)
         if expect_size:  # the first ranged GET checks existence and size: no HEAD first
-            return S3Reader(self, key, ObjectInfo(size=expect_size), verify=True)
-        if (head := await self._head(key)) is None:
+            return S3Reader(self, key, ObjectInfo(size=expect_size, version=expect_version),
+                            verify=True)
+        head = await self._head(key)
+        if head is None or expect_version is not None and head.get("ETag") != expect_version:
             raise ObjectMissing(f"Stored data for {relpath} is missing")
-        return S3Reader(self, key, ObjectInfo(size=head["ContentLength"]))
+        return S3Reader(self, key, ObjectInfo(size=head["ContentLength"],
+                                              version=head.get("ETag")))
 
     async def read_attr(self, relpath: str) -> bytes:
         key = self.key(relpath + ATTR_SUFFIX)

@@ -80,6 +80,12 @@ async def delete_unseen(conn: Conn, q: Queries, ids: Sequence[uuid.UUID], *,
     return len(await conn.fetch(q.rebuild_delete_unseen, list(ids), scan_start, horizon))
 
 
+async def delete_without_data(conn: Conn, q: Queries, meta: FileMeta) -> bool:
+    """Remove the row ``meta`` (read from an attr document) describes, if it still does."""
+    return await conn.fetchval(q.rebuild_delete_without_data, meta.file_id, meta.storage_path,
+                               meta.storage_filename, meta.checksum) is not None
+
+
 async def recompute_totals(conn: asyncpg.Connection, q: Queries) -> tuple[int, int]:
     """Reset the config totals from the table; the caller holds a transaction."""
     await conn.fetchval(q.totals_lock)

@@ -18,6 +18,12 @@ streams the storage walk in batches and never holds the whole table in memory.
   expired row, hiding files whose attr was fine until an incremental rebuild;
   refreshing keeps the "no expired entries left" outcome without that.)
 
+An attr document whose data object is gone (a lost block, an operator's mistake) never
+becomes a row, in any of them: a row never points at missing bytes.  The rebuilds name
+it in their errors (the full one also removes a row it still has, unless a write is in
+flight on the file), the consistency report counts it (``missing_data_count``), and
+``scrub --quarantine`` moves the document aside.
+
 A file that any write touched while a scan ran is left alone by that scan (see
 sql/cache.sql); the next run picks it up.
 """
@@ -42,7 +48,9 @@ from .element import Element
 from .scan import (
     BATCH,
     Errors,
+    Scanned,
     bare_data,
+    mark_missing_data,
     path_batches,
     read_doc,
     read_docs,
@@ -112,13 +120,16 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
         stats.cache_entries_before = await repo_cache.count_files(conn, q)
         ttl, complete = files.ttl_hours(el), True
 
-        async def write(rows: list[FileMeta]) -> None:
-            counts = await repo_cache.rebuild_upsert(
-                conn, q, rows, scan_start=scan_start, horizon=horizon, ttl=ttl)
-            stats.entries_created += counts.created
-            stats.entries_updated += counts.updated
-            if counts.verified + counts.created + counts.updated < len(rows):
-                await _report_conflicts(conn, el, rows, errors)
+        async def write(rows: list[FileMeta], lost: list[Scanned]) -> None:
+            if rows:
+                counts = await repo_cache.rebuild_upsert(
+                    conn, q, rows, scan_start=scan_start, horizon=horizon, ttl=ttl)
+                stats.entries_created += counts.created
+                stats.entries_updated += counts.updated
+                if counts.verified + counts.created + counts.updated < len(rows):
+                    await _report_conflicts(conn, el, rows, errors)
+            if lost:
+                stats.entries_deleted += await _drop_rows_without_data(el, conn, lost, ttl)
 
         writing: asyncio.Task | None = None
         try:
@@ -126,13 +137,14 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
                 scanned = await read_docs(el, relpaths)
                 stats.attr_files_scanned += len(scanned)
                 complete &= not any(s.transient for s in scanned)
+                lost = await mark_missing_data(el, scanned)
                 rows = unique_rows([m for s in scanned if (m := to_row(s, ttl, errors))],
                                    errors)
                 if before_write:
                     await before_write(stats)
                 if writing:
                     await writing
-                writing = asyncio.create_task(write(rows)) if rows else None
+                writing = asyncio.create_task(write(rows, lost)) if rows or lost else None
                 if progress:
                     progress(stats, errors)
             if writing:
@@ -143,7 +155,7 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
                 with contextlib.suppress(asyncio.CancelledError):
                     await writing
         if complete:
-            stats.entries_deleted = await _remove_unseen(el, conn, scan_start, horizon, errors)
+            stats.entries_deleted += await _remove_unseen(el, conn, scan_start, horizon, errors)
         else:
             errors.add("the store failed while scanning, so no cache rows were removed")
         async with conn.transaction():
@@ -151,6 +163,22 @@ async def full_rebuild(el: Element, *, batch: int = BATCH, progress: Progress | 
         stats.cache_entries_after = await repo_cache.count_files(conn, q)
     log.info("full cache rebuild: %s, %d error(s)", asdict(stats), errors.count)
     return out.finish()
+
+
+async def _drop_rows_without_data(el: Element, conn, lost: list[Scanned], ttl: int) -> int:
+    """Remove the rows of documents whose data object is gone (each looked up again
+    first: a concurrent DELETE removes the data before the attr).  The document stays
+    for ``scrub --quarantine``; the error is already reported."""
+    removed = 0
+    for item in lost:
+        assert item.doc is not None
+        if await el.backend.exists(item.relpath):
+            continue
+        meta = attrmeta.to_meta(item.doc, ttl)
+        directory, name = posixpath.split(item.relpath)
+        meta.storage_path, meta.storage_filename = directory + "/" if directory else "", name
+        removed += await repo_cache.delete_without_data(conn, el.db.q, meta)
+    return removed
 
 
 async def _report_conflicts(conn, el: Element, rows: list[FileMeta], errors: Errors) -> None:
@@ -198,6 +226,7 @@ async def incremental_rebuild(el: Element, *, batch: int = BATCH,
             known = await repo_cache.existing_ids(conn, q, [i for i in named.values() if i])
             missing = [p for p, i in named.items() if i is None or i not in known]
             scanned = await read_docs(el, missing)
+            await mark_missing_data(el, scanned)
             rows = unique_rows([m for s in scanned if (m := to_row(s, ttl, errors))], errors)
             if rows:
                 stats.entries_created += await repo_cache.insert_missing(
@@ -219,11 +248,13 @@ async def consistency(el: Element, *, batch: int = BATCH,
         # the database clock (a report, so no SKEW margin: damage done a second before the
         # check is reported, not hidden for five minutes).
         horizon = await repo_cache.db_now(conn, q)
+        without_data: list[str] = []  # attr files whose data object is missing
         await repo_cache.scan_clear(conn, q)  # leftovers of a crashed check
         try:
             async for relpaths in path_batches(el, batch):
                 stats.attr_files_scanned += len(relpaths)
                 await repo_cache.scan_add(conn, q, scan_id, await _scan_ids(el, relpaths))
+                without_data += sorted(await el.backend.missing(relpaths))
                 if progress:
                     progress(stats, errors)
             await repo_cache.scan_analyze(conn, q)
@@ -234,8 +265,9 @@ async def consistency(el: Element, *, batch: int = BATCH,
             bare = [p async for p in bare_data(el)]
         finally:
             await repo_cache.scan_drop(conn, q, scan_id)
+    without_data = await _still_without_data(el, without_data)
     total_attr = stats.attr_files_scanned
-    bad = orphan_cache[0] + orphan_attr[0] + len(bare)
+    bad = orphan_cache[0] + orphan_attr[0] + len(bare) + len(without_data)
     return {
         "total_attr_files": total_attr,
         "total_cache_entries": total_cache,
@@ -245,6 +277,8 @@ async def consistency(el: Element, *, batch: int = BATCH,
         # data objects without attr file, row or pending intent (a failed commit's):
         # ``scrub`` removes them
         "orphan_data_count": len(bare),
+        # attr files whose data object is gone: no row (``scrub --quarantine`` moves them)
+        "missing_data_count": len(without_data),
         "is_consistent": bad == 0,
         "inconsistency_percentage": round(bad / total_attr * 100, 2) if total_attr else 0.0,
         "details": {
@@ -252,8 +286,22 @@ async def consistency(el: Element, *, batch: int = BATCH,
             "orphan_attr_files": orphan_attr[1],
             "expired_cache_entries": expired[1],
             "orphan_data_files": bare[:10],
+            "attr_files_without_data": without_data[:10],
         },
     }
+
+
+async def _still_without_data(el: Element, relpaths: list[str]) -> list[str]:
+    """Those of ``relpaths`` whose attr file is still there and data still missing (a
+    DELETE that ran during the scan removes the data first, then the attr)."""
+    if not relpaths:
+        return []
+    gone = await el.backend.missing(relpaths)
+    still = []
+    for relpath in relpaths:
+        if relpath in gone and not (await read_doc(el, relpath)).vanished:
+            still.append(relpath)
+    return still
 
 
 async def _scan_ids(el: Element, relpaths: list[str]) -> list[tuple[uuid.UUID | None, str]]:

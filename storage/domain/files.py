@@ -57,7 +57,8 @@ async def served(el: Element, file_id: uuid.UUID, *,
     :raises NotFound: when there is no such file.
     """
     now = utcnow()
-    if not fresh and (hit := el.served.get(file_id)) is not None and hit.cache_expires_at > now:
+    if not fresh and (hit := el.served.get(file_id)) is not None and hit.cache_expires_at > now \
+            and hit.version is not None:
         return hit
     found = await repo.get_served(el.db, file_id)
     if found is None:

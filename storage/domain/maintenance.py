@@ -2,6 +2,7 @@
 the v1 → v2 attr migration.  Both stream the storage walk and report per file.
 
 Quarantine moves a corrupt object out of the way rather than deleting it: the data
+(unless it is lost: an attr document whose data object is missing moves alone)
 and its attr document are copied under ``<root>/.quarantine/<storage_path><txid>/``
 (the attr copy is named ``…attr-quarantined.json`` so no walk mistakes it for a live
 one), then data, attr and row are removed under the file's row lock, inside a
@@ -116,8 +117,10 @@ async def _put(el: Element, target: str, data: bytes) -> None:
         await writer.commit()
 
 
-async def quarantine(el: Element, relpath: str, doc: attrs.AttrDoc, why: str) -> str:
-    """Move a corrupt object aside (see the module docstring); returns where it went."""
+async def quarantine(el: Element, relpath: str, doc: attrs.AttrDoc, why: str, *,
+                     has_data: bool = True) -> str:
+    """Move a corrupt object aside (see the module docstring); returns where it went.
+    Without ``has_data`` (the data object is lost) only the attr document moves."""
     q, txid = el.db.q, uuid.uuid4()
     directory, name = posixpath.split(relpath)
     target = f"{QUARANTINE}/{directory + '/' if directory else ''}{txid.hex}/{name}"
@@ -126,7 +129,8 @@ async def quarantine(el: Element, relpath: str, doc: attrs.AttrDoc, why: str) ->
                                 "reason": why},
                           user_id="scrub", started_at=utcnow())
     try:
-        await _copy(el, relpath, target)
+        if has_data:
+            await _copy(el, relpath, target)
         async with el.db.pool.acquire() as conn, conn.transaction():
             row = await repo.lock_file(conn, q, doc.file_id)
             # the attr under the file's lock: a PATCH acknowledged before is in the evidence
@@ -197,9 +201,10 @@ async def _scrub_one(el: Element, relpath: str, tally: Tally, throttle: Throttle
     if kind == "missing_data" and await _deleted_meanwhile(el, relpath, item.doc):
         return
     tally.problem(kind, f"{relpath}: {why}")
-    if move and kind in ("corrupt", "size_mismatch"):
+    if move and kind in ("corrupt", "size_mismatch", "missing_data"):
         try:
-            target = await quarantine(el, relpath, item.doc, why)
+            target = await quarantine(el, relpath, item.doc, why,
+                                      has_data=kind != "missing_data")
         except StorageError as exc:
             return tally.problem("quarantine_failed", f"{relpath}: {exc.detail}")
         tally.add("quarantined")

@@ -61,6 +61,7 @@ class Scanned:
     error: str | None = None
     transient: bool = False  # the store failed (not the document): the walk is incomplete
     vanished: bool = False  # deleted between listing and reading
+    data_missing: bool = False  # the document is there, its data object is not
 
 
 async def path_batches(el: Element, size: int = BATCH) -> AsyncIterator[list[str]]:
@@ -103,11 +104,27 @@ async def read_doc(el: Element, relpath: str) -> Scanned:
     return Scanned(relpath, doc=doc)
 
 
+async def mark_missing_data(el: Element, scanned: Sequence[Scanned]) -> list[Scanned]:
+    """Flag the documents whose data object is gone (a lost block, an operator's
+    mistake); returns them.  Such a document never becomes a cache row: a row must not
+    point at missing bytes.  ``scrub --quarantine`` moves the document aside."""
+    with_doc = [s for s in scanned if s.doc is not None]
+    gone = await el.backend.missing([s.relpath for s in with_doc]) if with_doc else set()
+    lost = [s for s in with_doc if s.relpath in gone]
+    for item in lost:
+        item.data_missing = True
+    return lost
+
+
 def to_row(item: Scanned, ttl: int, errors: Errors) -> FileMeta | None:
     """The cache row for a scanned document, or None (reported) when it cannot be one."""
     if item.doc is None:
         if not item.vanished:
             errors.add(item.error or f"{item.relpath}{ATTR_SUFFIX}: unreadable")
+        return None
+    if item.data_missing:
+        errors.add(f"{item.relpath}{ATTR_SUFFIX}: its data object is missing; no cache row "
+                   "(scrub --quarantine moves the attr file aside)")
         return None
     meta = attrmeta.to_meta(item.doc, ttl)
     directory, name = posixpath.split(item.relpath)

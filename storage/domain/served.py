@@ -9,11 +9,15 @@ round trip.
 Deletes stay exact across processes without any message between them: a DELETE (any
 process, any path: API, GC, scrub, rebuild) removes the data object before it is
 acknowledged, and a download opens the data object before it sends a header.  A cached
-entry whose object is gone is dropped and the database asked again (the id may have
-been uploaded anew, at another path), so after an acknowledged DELETE no process
-serves the file.  The only staleness is a change made behind the element's back (an
-attr document edited by hand, then a rebuild): seen within a minute, like the TTL of
-the metadata cache itself, sooner by the process that deletes.
+entry is only served from the very object it was made from (its version: inode and
+mtime on disk, ETag on S3, checked when the object is opened): an entry whose object is
+gone, or replaced by a new upload of the same id at the same path (same name, within
+the same second), is dropped and the database asked again, so after an acknowledged
+DELETE no process serves the file, and an id uploaded anew is served with headers
+(ETag, length, digest, 304 decisions) of the new bytes.  The only staleness is a change
+made behind the element's back (an attr document edited by hand, then a rebuild): seen
+within a minute, like the TTL of the metadata cache itself, sooner by the process that
+deletes.
 """
 
 from __future__ import annotations

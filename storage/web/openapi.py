@@ -204,11 +204,12 @@ SCHEMAS: dict[str, Any] = {
         "report": _obj({
             "total_attr_files": NON_NEG, "total_cache_entries": NON_NEG,
             "orphan_cache_count": NON_NEG, "orphan_attr_count": NON_NEG,
-            "expired_cache_count": NON_NEG, "orphan_data_count": NON_NEG, "is_consistent": BOOL,
+            "expired_cache_count": NON_NEG, "orphan_data_count": NON_NEG,
+            "missing_data_count": NON_NEG, "is_consistent": BOOL,
             "inconsistency_percentage": {"type": "number", "minimum": 0},
             "details": _obj({name: {"type": "array", "items": STR, "maxItems": 10} for name in (
                 "orphan_cache_entries", "orphan_attr_files", "expired_cache_entries",
-                "orphan_data_files")}),
+                "orphan_data_files", "attr_files_without_data")}),
         }),
     }),
 }

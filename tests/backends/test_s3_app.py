@@ -362,17 +362,18 @@ async def test_gc_removes_objects_also_when_the_data_object_is_gone(client, auth
 
 
 async def plant(config, count: int, seed: int) -> None:
-    """Attr documents written straight to the bucket by another writer (no data objects:
-    a rebuild reads attr documents only)."""
+    """Data objects and their attr documents written straight to the bucket by another
+    writer (a rebuild reads the documents and makes sure each has its data object)."""
     from bench.rebuild_bench import make_meta
 
     gate = asyncio.Semaphore(32)
     async with s3_client(config) as s3:
         async def one(i: int) -> None:
-            meta, _data = make_meta(seed, i)
+            meta, data = make_meta(seed, i)
+            key = s3_folder(config) + meta.relative_path
             async with gate:
-                await s3.put_object(Bucket=config.s3_bucket_name,
-                                    Key=s3_folder(config) + meta.relative_path + ".attr.json",
+                await s3.put_object(Bucket=config.s3_bucket_name, Key=key, Body=data)
+                await s3.put_object(Bucket=config.s3_bucket_name, Key=key + ".attr.json",
                                     Body=attrs.dumps(attrmeta.to_doc(meta)))
 
         await asyncio.gather(*(one(i) for i in range(count)))

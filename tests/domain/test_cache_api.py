@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 import json
 import uuid
 from datetime import timedelta
@@ -17,8 +19,9 @@ from cache_helpers import (
     rows,
     totals,
 )
-from helpers import temp_files, upload
+from helpers import s3_client, s3_folder, temp_files, upload
 
+from storage.cli import ops
 from storage.db import locks, repo_cache
 from storage.domain import cache, files, naming
 from storage.models import FileMeta, Identity, utcnow
@@ -290,6 +293,7 @@ async def test_consistency_report_counts_orphans_both_ways_and_expired(
     assert {k: v for k, v in report.items() if k != "details"} == {
         "total_attr_files": 8, "total_cache_entries": 19, "orphan_cache_count": 12,
         "orphan_attr_count": 1, "expired_cache_count": 2, "orphan_data_count": 0,
+        "missing_data_count": 0,
         "is_consistent": False,
         "inconsistency_percentage": round(13 / 8 * 100, 2)}
     details = report["details"]
@@ -497,3 +501,61 @@ async def test_rebuild_reads_v1_documents_written_by_upstream(client, auth, conf
 def test_ttl_hours_follow_the_mode():
     assert files.TTL_HOURS == {"edit": 24, "rw": 24, "ro": 168, "ar": 168}
     assert timedelta(hours=files.TTL_HOURS["ro"]) == timedelta(days=7)
+
+
+async def _lose_data(config, relpath: str) -> None:
+    """Remove a data object behind the element's back, its attr document left."""
+    if config.storage_type != "s3":
+        (config.storage_local_base_path / relpath).unlink()
+        return
+    async with s3_client(config) as s3:
+        await s3.delete_object(Bucket=config.s3_bucket_name, Key=s3_folder(config) + relpath)
+
+
+@pytest.mark.parametrize("storage_kind", ["local", "s3"], indirect=True)
+async def test_attr_without_data_gets_no_row_is_reported_and_left_to_scrub(
+        client, auth, config, pg_dsn):
+    """Issue 26: a lost data object (its attr left) never gets a cache row from a full or
+    incremental rebuild (a row never points at missing bytes); the rebuilds and the
+    consistency report name it, and ``scrub --quarantine`` moves the attr aside."""
+    metas = [await upload(client, auth(), f"bytes {i}".encode() * (i + 1), f"f{i}.txt")
+             for i in range(3)]
+    lost = metas[0]
+    conn = await connect(pg_dsn)
+    try:
+        relpath = await conn.fetchval(
+            f"SELECT storage_path || storage_filename FROM {config.table_prefix}_files "
+            "WHERE file_id = $1", uuid.UUID(lost["file_id"]))
+    finally:
+        await conn.close()
+    await _lose_data(config, relpath)
+
+    result = await _rebuild(client, auth)
+    assert any(relpath in e and "data object is missing" in e for e in result["errors"]), result
+    assert result["statistics"]["entries_deleted"] == 1
+    resp = await client.get(f"/api/v1/files/{lost['file_id']}", headers=auth())
+    assert resp.status == 404
+    listed = await _call(client, auth, "GET", "/api/v1/files")
+    assert {f["file_id"] for f in listed["files"]} == {m["file_id"] for m in metas[1:]}
+    capacity = await _call(client, auth, "GET", "/api/v1/capacity")
+    assert capacity["capacity"]["used"] == sum(m["file_size"] for m in metas[1:])
+
+    result = await _rebuild(client, auth, "/incremental")
+    assert result["statistics"]["entries_created"] == 0
+    assert any(relpath in e and "data object is missing" in e for e in result["errors"]), result
+    assert (await client.get(f"/api/v1/files/{lost['file_id']}", headers=auth())).status == 404
+
+    report = (await _call(client, auth, "GET", "/api/v1/cache/consistency"))["report"]
+    assert (report["missing_data_count"], report["is_consistent"]) == (1, False)
+    assert report["details"]["attr_files_without_data"] == [relpath]
+
+    out, err = io.StringIO(), io.StringIO()
+    args = argparse.Namespace(command="scrub", quarantine=True, max_mib_per_second=0.0,
+                              incremental=False, force=False, dry_run=False)
+    assert await ops.execute(config, pg_dsn, args, out=out, err=err) == 1  # it found one
+    scrubbed = json.loads(out.getvalue())
+    assert (scrubbed["missing_data"], scrubbed["quarantined"]) == (1, 1)
+    report = (await _call(client, auth, "GET", "/api/v1/cache/consistency"))["report"]
+    assert (report["missing_data_count"], report["orphan_attr_count"],
+            report["is_consistent"]) == (0, 0, True)
+    assert (await _rebuild(client, auth))["errors"] == []

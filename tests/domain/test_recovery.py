@@ -304,22 +304,24 @@ async def test_scrub_finds_and_quarantines_corrupt_files(client, auth, config, p
     assert any(data[ids[0]].name in p for p in body["problems"])
     assert err.startswith("scrub: ") and "B/s" in err  # a plain progress line (not a TTY)
     code, body, _ = await _ops(config, pg_dsn, "scrub", quarantine=True)
-    assert body["quarantined"] == 2
-    for file_id in ids[:2]:  # gone from the API as a whole, kept aside for inspection
+    assert body["quarantined"] == 3
+    for file_id in ids[:3]:  # gone from the API as a whole, kept aside for inspection
         assert (await client.get(f"/api/v1/files/{file_id}", headers=auth())).status == 404
         moved = sorted(p.name for p in (root / ".quarantine").rglob("*") if p.is_file()
                        and data[file_id].name in p.name)
-        assert moved == [data[file_id].name, data[file_id].name + ".attr-quarantined.json"]
+        kept = [data[file_id].name] if file_id != ids[2] else []  # the lost one: attr only
+        assert moved == [*kept, data[file_id].name + ".attr-quarantined.json"]
     conn = await connect(pg_dsn)
     try:
         wal = await conn.fetch(f"SELECT status FROM {config.table_prefix}_wal "
                                "WHERE operation_type = 'file_quarantine'")
-        assert [w["status"] for w in wal] == ["committed", "committed"]
-        assert set(await rows(conn, config.table_prefix)) == set(ids[2:])
+        assert [w["status"] for w in wal] == ["committed"] * 3
+        assert set(await rows(conn, config.table_prefix)) == set(ids[3:])
     finally:
         await conn.close()
     code, body, _ = await _ops(config, pg_dsn, "scrub")
-    assert (body["corrupt"], body["size_mismatch"], body["quarantined"]) == (0, 0, 0)
+    assert (body["corrupt"], body["size_mismatch"], body["missing_data"],
+            body["quarantined"]) == (0, 0, 0, 0)
     resp = await client.post("/api/v1/cache/rebuild", headers=auth())  # quarantine is ignored
     assert resp.status == 200
 

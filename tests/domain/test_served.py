@@ -79,3 +79,73 @@ async def test_the_deleting_process_forgets_at_once(client, auth):
     assert len(el.served) == 1
     assert (await client.delete(url(fid, ""), headers=auth())).status == 204
     assert len(el.served) == 0
+
+
+async def _relpath(client, fid: str) -> str:
+    el = client.app[element_key]
+    async with el.db.pool.acquire() as conn:
+        return await conn.fetchval(
+            f"SELECT storage_path || storage_filename FROM {el.config.table_prefix}_files "
+            "WHERE file_id = $1", uuid.UUID(fid))
+
+
+@BOTH_BACKENDS
+async def test_an_id_uploaded_anew_at_the_same_path_is_served_with_its_own_headers(pair,
+                                                                                  auth):
+    """Issue 26 (found by the history checker): deleted in one process and uploaded again
+    with the same name and size within the same second, the id's new object lies at the
+    very path of the old one.  The other process's cached entry must not serve the new
+    bytes under the old ETag/digest, nor answer 304 to the old ETag."""
+    a, b = pair
+    for _attempt in range(5):  # the storage filename has a one-second timestamp
+        fid = str(uuid.uuid4())
+        old, new = os.urandom(4096), os.urandom(4096)
+        put = f"/api/v1/files/{fid}?filename=same.bin"
+        assert (await a.put(put, data=old, headers=auth())).status == 201
+        first = await a.get(url(fid), headers=auth())
+        assert await first.read() == old
+        path = await _relpath(a, fid)
+        assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+        assert (await b.put(put, data=new, headers=auth())).status == 201
+        if await _relpath(b, fid) == path:
+            break
+    else:
+        pytest.fail("could not upload anew within the same second")
+    old_etag, new_etag = first.headers["ETag"], f'"{sha256(new)}"'
+    resp = await a.get(url(fid), headers={**auth(), "If-None-Match": old_etag})
+    assert resp.status == 200 and await resp.read() == new
+    assert resp.headers["ETag"] == new_etag
+    resp = await a.head(url(fid), headers=auth())
+    assert resp.headers["ETag"] == new_etag
+    resp = await a.get(url(fid), headers={**auth(), "Range": "bytes=0-9"})
+    assert resp.status == 206 and await resp.read() == new[:10]
+    assert resp.headers["ETag"] == new_etag
+    resp = await a.get(url(fid), headers=auth())
+    assert await resp.read() == new and resp.headers["ETag"] == new_etag
+
+
+@BOTH_BACKENDS
+async def test_a_range_or_if_match_judged_from_memory_is_checked_against_the_store(pair,
+                                                                                   auth):
+    """Issue 26 (found by the history checker): the cached size and ETag of a file deleted
+    in another process gave a 416 (range past its old end) or a 412 instead of the 404,
+    and, once uploaded anew and larger, a 416 for a range inside the new file."""
+    a, b = pair
+    fid = str(uuid.uuid4())
+    old = os.urandom(100)
+    assert (await a.put(f"/api/v1/files/{fid}", data=old, headers=auth())).status == 201
+    etag = (await a.get(url(fid), headers=auth())).headers["ETag"]
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    for extra in ({"Range": "bytes=5000-6000"}, {"If-Match": '"' + "0" * 64 + '"'}):
+        resp = await a.get(url(fid), headers={**auth(), **extra})
+        assert resp.status == 404, (extra, resp.status)
+    await a.get(url(fid), headers=auth())  # nothing cached now; cache it again:
+    assert (await a.put(f"/api/v1/files/{fid}", data=old, headers=auth())).status == 201
+    assert (await a.get(url(fid), headers=auth())).headers["ETag"] == etag
+    assert (await b.delete(url(fid, ""), headers=auth())).status == 204
+    new = os.urandom(10_000)
+    assert (await b.put(f"/api/v1/files/{fid}", data=new, headers=auth())).status == 201
+    resp = await a.get(url(fid), headers={**auth(), "Range": "bytes=5000-5009"})
+    assert resp.status == 206 and await resp.read() == new[5000:5010]
+    resp = await a.get(url(fid), headers={**auth(), "If-Match": f'"{sha256(new)}"'})
+    assert resp.status == 200 and await resp.read() == new

@@ -583,3 +583,46 @@ async def test_stored_bytes_are_exact_whatever_the_piece_sizes(client, auth, pat
     assert meta.file_size == len(data) and meta.checksum == sha256(data)
     resp = await client.get(f"/api/v1/files/{meta.file_id}/download", headers=auth())
     assert resp.status == 200 and await resp.read() == data
+
+
+@BOTH_BACKENDS
+async def test_two_uploads_of_one_new_id_to_the_same_path_the_second_is_a_409(client, auth,
+                                                                               config):
+    """Issue 26 (found by the history checker): two raw PUTs of one new id with the same
+    name in the same second both pass the reservation and name the same object; the
+    second to commit found it taken and answered 503 (retry) instead of 409, for a
+    conflict that no retry resolves.  Nothing of the loser stays."""
+    first_data, second_data = random_bytes(5000), random_bytes(5000)
+    for _attempt in range(3):  # both must be named within one second
+        fid = str(uuid.uuid4())
+        started = [asyncio.Event(), asyncio.Event()]
+        go = [asyncio.Event(), asyncio.Event()]
+
+        def body(n: int, data: bytes, started=started, go=go):
+            async def gen():
+                yield data[:100]
+                started[n].set()
+                await go[n].wait()
+                yield data[100:]
+            return gen()
+
+        put = f"/api/v1/files/{fid}?filename=same.bin"
+        first = asyncio.ensure_future(client.put(put, data=body(0, first_data),
+                                                 headers=auth()))
+        second = asyncio.ensure_future(client.put(put, data=body(1, second_data),
+                                                  headers=auth()))
+        await asyncio.wait_for(asyncio.gather(started[0].wait(), started[1].wait()), 10)
+        go[0].set()
+        resp = await first
+        assert resp.status == 201, await resp.text()
+        go[1].set()
+        resp = await second
+        meta = await (await client.get(f"/api/v1/files/{fid}", headers=auth())).json()
+        if meta["storage_filename"].endswith(f"{fid}.bin") and resp.status == 409:
+            break
+        assert resp.status == 409, await resp.text()
+    assert (await resp.json())["detail"]
+    got = await client.get(f"/api/v1/files/{fid}/download", headers=auth())
+    assert await got.read() == first_data
+    relpath = meta["storage_path"] + meta["storage_filename"]
+    assert await stored_objects(config) == [relpath, relpath + ".attr.json"]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from aiohttp import hdrs, web
 
@@ -105,13 +106,18 @@ async def download(request: web.Request) -> web.StreamResponse:
     file_id = validate.file_id(request.match_info["file_id"])
     served = await files.served(el, file_id, headers=_headers)
     try:
-        return await _download(request, el, served)
-    except _Gone:
-        if served.cached:  # deleted, maybe uploaded anew elsewhere: ask the database
+        try:
+            return await _download(request, el, served)
+        except (_Gone, RangeNotSatisfiable, PreconditionFailed):
+            # A cached entry decides nothing alone: a 416 or 412 judged on its size or
+            # ETag may be about a file deleted (or uploaded anew) in another process, as
+            # a missing object is: ask the database
+            if not served.cached:
+                raise
             el.served.forget(file_id)
             served = await files.served(el, file_id, headers=_headers, fresh=True)
-            with contextlib.suppress(_Gone):
-                return await _download(request, el, served)
+            return await _download(request, el, served)
+    except _Gone:
         raise NotFound(f"File {file_id} not found: its stored data is missing") from None
 
 
@@ -120,7 +126,7 @@ async def _download(request: web.Request, el, served: Served) -> web.StreamRespo
     before a header was sent)."""
     headers = dict(served.headers)
     if _not_modified(request, served, headers):
-        if served.cached:  # the row was not read: make sure the data is still there
+        if served.cached:  # the row was not read: make sure the data is still that file's
             await (await _open(el, served, None)).close()
         return web.Response(status=304, headers=headers)
     ranges = _ranges(request, served, headers[hdrs.ETAG])
@@ -134,12 +140,17 @@ async def _download(request: web.Request, el, served: Served) -> web.StreamRespo
         return await _send(request, served, reader, headers, ranges,
                            el.config.download_write_timeout)
     finally:
+        if not served.cached and reader.info.version is not None:
+            el.served.put(replace(served, cached=True, version=reader.info.version))
         await reader.close()
 
 
 async def _open(el, served: Served, expect: int | None) -> Reader:
+    """Open the data object; a cached entry only opens the object it was made from (the
+    id may have been deleted and uploaded anew at the same path by another process)."""
     try:
-        return await el.backend.open(served.relative_path, expect_size=expect)
+        return await el.backend.open(served.relative_path, expect_size=expect,
+                                     expect_version=served.version if served.cached else None)
     except ObjectMissing:
         raise _Gone from None
 
