@@ -217,9 +217,9 @@ async def _deleted_meanwhile(el: Element, relpath: str, doc: attrs.AttrDoc) -> b
     A DELETE unlinks the data before the attr, under the file's lock: waiting for that
     lock lets one in flight finish, and then its attr (or row) is gone too."""
     async with el.db.pool.acquire() as conn, conn.transaction():
-        row = await repo.lock_file(conn, el.db.q, doc.file_id)
-        if row is None or row.relative_path != relpath:
-            return not await el.backend.exists(relpath)
+        await repo.lock_file(conn, el.db.q, doc.file_id)
+        # with or without a row (a rebuild drops the row of an attr whose data is lost,
+        # issue 26): the attr that is still there after the DELETE's lock is a lost object
         return not await _attr_exists(el, relpath)
 
 
