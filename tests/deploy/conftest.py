@@ -7,6 +7,7 @@ Without Docker or debootstrap these tests skip with the reason, except in CI
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import dockerenv
@@ -37,4 +38,24 @@ def containers(docker) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
+        docker.run("rm", "-f", "-v", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def container_pg(docker, standins) -> Iterator[str]:
+    """A PostgreSQL over TCP for the containers (the suite's own listens on a socket in a
+    root-only directory): the postgres stand-in on the host network; its libpq URI."""
+    from deploykit import unique, wait_pg
+    from server_proc import free_port
+
+    port, password = free_port(), secrets.token_hex(8)
+    name = unique("pg")
+    docker.run("run", "-d", "--name", name, "--network", "host", "-e", f"PGPORT={port}",
+               "-e", "POSTGRES_USER=artstore", "-e", f"POSTGRES_PASSWORD={password}",
+               "-e", "POSTGRES_DB=artstore", standins.postgres)
+    try:
+        dsn = f"postgresql://artstore:{password}@127.0.0.1:{port}/artstore"
+        wait_pg(docker, name, dsn)
+        yield dsn
+    finally:
         docker.run("rm", "-f", "-v", name, check=False)

@@ -87,3 +87,22 @@ def exec_out(docker: dockerenv.Docker, name: str, *cmd: str) -> str:
     return docker.out("exec", name, *cmd)
 
 
+
+
+def wait_pg(docker: dockerenv.Docker, name: str, dsn: str, timeout: float = 60) -> None:
+    """Poll until ``dsn`` accepts a query (the container ``name`` must keep running)."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(dsn, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+                return
+        except psycopg.OperationalError:
+            if docker.out("inspect", "--format", "{{.State.Running}}", name) != "true":
+                break
+            time.sleep(0.3)
+    logs = docker.run("logs", "--tail", "30", name, check=False)
+    raise AssertionError(f"PostgreSQL {name} not up:\n{logs.stdout.decode()}"
+                         f"{logs.stderr.decode()}")

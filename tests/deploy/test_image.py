@@ -23,6 +23,7 @@ from server_proc import free_port
 from storage.auth.devkeys import mint_token
 
 pytestmark = pytest.mark.deploy
+S3_BUCKET = "se-tests"  # created by tests/conftest.py's s3_endpoint
 
 
 def test_image_metadata(docker, se_image):
@@ -75,10 +76,8 @@ def public_key_dir(keypair, tmp_path) -> Path:
     return keys
 
 
-def joined_env(pg_dsn: str, s3_endpoint, keys: Path, port: int) -> list[str]:
-    from conftest import S3_BUCKET
-
-    env = {"DATABASE_URL": pg_dsn, "DB_TABLE_PREFIX": "d" + secrets.token_hex(5),
+def joined_env(dsn: str, s3_endpoint, keys: Path, port: int) -> list[str]:
+    env = {"DATABASE_URL": dsn, "DB_TABLE_PREFIX": "d" + secrets.token_hex(5),
            "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": s3_endpoint.endpoint_url,
            "STORAGE_S3_ACCESS_KEY_ID": s3_endpoint.access_key,
            "STORAGE_S3_SECRET_ACCESS_KEY": s3_endpoint.secret_key,
@@ -89,7 +88,7 @@ def joined_env(pg_dsn: str, s3_endpoint, keys: Path, port: int) -> list[str]:
     return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
 
 
-def test_read_only_joins_a_deployment(docker, se_image, containers, pg_dsn, s3_endpoint,
+def test_read_only_joins_a_deployment(docker, se_image, containers, container_pg, s3_endpoint,
                                       keypair, public_key_dir):
     """``--read-only`` (writable /data and /tmp only), PostgreSQL and S3 from outside."""
     port = free_port()
@@ -97,7 +96,7 @@ def test_read_only_joins_a_deployment(docker, se_image, containers, pg_dsn, s3_e
     containers.append(name)
     docker.run("run", "-d", "--name", name, "--network", "host", "--read-only",
                "--tmpfs", "/tmp", "-v", f"{public_key_dir}:{public_key_dir}:ro",  # noqa: S108
-               *joined_env(pg_dsn, s3_endpoint, public_key_dir, port), se_image)
+               *joined_env(container_pg, s3_endpoint, public_key_dir, port), se_image)
     running = lambda: docker.out("inspect", "--format", "{{.State.Running}}", name) == "true"  # noqa: E731
     wait_http(f"http://127.0.0.1:{port}/health/ready", 60, name, running)
     token = mint_token(keypair[0].read_bytes(), role="admin", token_type="service_account",
@@ -133,7 +132,7 @@ def _slow_upload(port: int, token: str, data: bytes, first: int, release: thread
         result["error"] = repr(exc)
 
 
-def test_stop_drains(docker, se_image, containers, pg_dsn, keypair, public_key_dir):
+def test_stop_drains(docker, se_image, containers, container_pg, keypair, public_key_dir):
     """``docker stop`` with two uploads in flight: the one whose body keeps coming is
     committed (201), the one that stalls past SHUTDOWN_TIMEOUT is rolled back; no
     partial file, no row, no pending WAL intent; exit code 0."""
@@ -143,7 +142,7 @@ def test_stop_drains(docker, se_image, containers, pg_dsn, keypair, public_key_d
     prefix = "d" + secrets.token_hex(5)
     docker.run("run", "-d", "--name", name, "--network", "host",
                "-v", f"{public_key_dir}:{public_key_dir}:ro",
-               "-e", f"DATABASE_URL={pg_dsn}", "-e", f"DB_TABLE_PREFIX={prefix}",
+               "-e", f"DATABASE_URL={container_pg}", "-e", f"DB_TABLE_PREFIX={prefix}",
                "-e", f"JWT_PUBLIC_KEY_PATH={public_key_dir / 'public.pem'}",
                "-e", f"SERVER_PORT={port}", "-e", "APP_MODE=edit", se_image)
     running = lambda: docker.out("inspect", "--format", "{{.State.Running}}", name) == "true"  # noqa: E731
@@ -171,7 +170,7 @@ def test_stop_drains(docker, se_image, containers, pg_dsn, keypair, public_key_d
     assert finishing.get("status") == 201, finishing
     state = docker.inspect(name)["State"]
     assert state["ExitCode"] == 0, docker.run("logs", name).stderr.decode()[-2000:]
-    with psycopg.connect(pg_dsn) as conn:
+    with psycopg.connect(container_pg) as conn:
         files = conn.execute(f"SELECT count(*) FROM {prefix}_files").fetchone()[0]  # noqa: S608
         pending = conn.execute(
             f"SELECT count(*) FROM {prefix}_wal WHERE status = 'pending'").fetchone()[0]  # noqa: S608
