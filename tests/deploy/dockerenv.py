@@ -149,7 +149,7 @@ def daemon() -> Iterator[Docker]:
             data_root = Path(tempfile.mkdtemp(prefix="se-docker-data-"))
             stack.callback(shutil.rmtree, data_root, ignore_errors=True)
         run_dir = Path(tempfile.mkdtemp(prefix="se-dx-", dir="/tmp"))  # noqa: S108 - short socket paths
-        stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+        stack.callback(_remove_run_dir, run_dir)
         host = f"unix://{run_dir}/docker.sock"
         out = open(run_dir / "dockerd.log", "wb")  # noqa: SIM115
         stack.callback(out.close)
@@ -167,6 +167,16 @@ def daemon() -> Iterator[Docker]:
             time.sleep(0.3)
         log(f"started dockerd (pid {proc.pid}, data root {data_root})")
         yield Docker(host)
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """dockerd leaves its network namespace bind-mounted under the exec root."""
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts]
+    for point in reversed(points):
+        if point.startswith(f"{run_dir}/"):
+            subprocess.run(["umount", "-l", point], check=False)  # noqa: S603,S607
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _stop_daemon(proc: subprocess.Popen, docker: Docker) -> None:
