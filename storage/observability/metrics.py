@@ -58,6 +58,7 @@ RECOVERY_STATUSES = ("success", "error")
 RECOVERY_ACTIONS = ("completed", "rolled_back", "skipped", "errors", "temps_removed",
                     "wal_purged")
 CONSISTENCY_RESULTS = ("consistent", "inconsistent")
+CACHE_OUTCOMES = ("success", "busy", "error")
 HEALTH_CODES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 LEVEL_CODES = {"ok": 0, "warning": 1, "critical": 2, "full": 3}
 
@@ -85,6 +86,9 @@ class Metrics:
                                  ["status"], registry=r)
         self.deletes = Counter("storage_file_deletes", "File deletions, by outcome",
                                ["status"], registry=r)
+        for counter in (self.uploads, self.downloads, self.deletes):
+            for outcome in ("success", "error"):
+                counter.labels(outcome)
         self.upload_bytes = Counter("storage_file_upload_bytes",
                                     "Bytes of files stored by uploads", registry=r)
         self.download_bytes = Counter("storage_file_download_bytes",
@@ -145,6 +149,9 @@ class Metrics:
             self.recovery_actions.labels(action)
         self.cache_rebuilds = Counter("storage_cache_rebuilds", "Cache rebuild operations",
                                       ["operation", "status"], registry=r)
+        for operation in CACHE_ROUTES.values():
+            for outcome in CACHE_OUTCOMES:
+                self.cache_rebuilds.labels(operation, outcome)
         self.cache_rebuild_duration = Histogram(
             "storage_cache_rebuild_duration_seconds", "Duration of cache operations",
             ["operation"], buckets=TRANSFER_BUCKETS, registry=r)
