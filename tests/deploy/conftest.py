@@ -1,5 +1,7 @@
-"""Session fixtures of the ``deploy`` tests: one Docker daemon, the stand-in base images
-and the element's image, each made once per run (``dockerenv.py``).
+"""Session fixtures of the ``deploy`` tests: one Docker daemon, the stand-in base images,
+the element's image and the wheel's virtualenv, each made once per run
+(``dockerenv.py``), in the background from the end of collection on; the deploy tests
+run last, so the rest of the suite runs meanwhile.
 
 Without Docker or debootstrap these tests skip with the reason, except in CI
 (``CI=true``), where they fail: CI installs both (``.ci/run``).
@@ -9,27 +11,56 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import dockerenv
 import pytest
 
+PREP = dockerenv.Preparation()
+
+
+def is_deploy(item: pytest.Item) -> bool:
+    return item.get_closest_marker("deploy") is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=is_deploy)  # stable: the deploy tests last, in their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(is_deploy(item) for item in session.items):
+        PREP.start()
+
+
+def pytest_sessionfinish() -> None:
+    PREP.close()  # stops the daemon if it is ours
+
 
 @pytest.fixture(scope="session")
-def docker() -> Iterator[dockerenv.Docker]:
-    with dockerenv.daemon() as d:
-        yield d
+def images() -> dockerenv.Images:
+    return PREP.get("images")
 
 
 @pytest.fixture(scope="session")
-def standins(docker) -> dockerenv.StandIns:
-    return dockerenv.stand_ins(docker)
+def docker(images) -> dockerenv.Docker:
+    return images.docker
 
 
 @pytest.fixture(scope="session")
-def se_image(docker, standins) -> str:
+def standins(images) -> dockerenv.StandIns:
+    return images.standins
+
+
+@pytest.fixture(scope="session")
+def se_image(images) -> str:
     """The element's image, built from the repository's Dockerfile on the python stand-in."""
-    return docker.build("storage-element:deploy-test", dockerenv.ROOT,
-                        args={"BASE_IMAGE": standins.python, **dockerenv.pip_build_args()})
+    return images.element
+
+
+@pytest.fixture(scope="session")
+def wheel_bin() -> Path:
+    """bin/ of a fresh virtualenv (outside the checkout) with the checkout's wheel."""
+    return PREP.get("wheel")
 
 
 @pytest.fixture
