@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if any(is_deploy(item) for item in session.items):
+    if not session.config.option.collectonly and any(is_deploy(i) for i in session.items):
         PREP.start()
 
 
