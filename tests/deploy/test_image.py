@@ -43,26 +43,31 @@ def test_image_metadata(docker, se_image):
 
 
 def test_embedded_default(docker, se_image, containers):
-    """``docker run IMAGE`` alone: the embedded PostgreSQL, dev keys under /data, a token
-    from ``docker exec``; upload, download, healthy, not root."""
+    """``docker run -p 8000:8000 IMAGE`` alone: the embedded PostgreSQL, dev keys under
+    /data, a token from ``docker exec``; upload, download, healthy, not root."""
+    network = unique("net")  # the tests' daemon has no default bridge: a network of ours
+    docker.run("network", "create", network)
     port = free_port()
     name = unique("embedded")
     containers.append(name)
-    started = time.monotonic()
-    docker.run("run", "-d", "--name", name, "--network", "host", "-e", f"SERVER_PORT={port}",
-               se_image)
-    running = lambda: docker.out("inspect", "--format", "{{.State.Running}}", name) == "true"  # noqa: E731
-    wait_http(f"http://127.0.0.1:{port}/health/ready", 120, name, running)
-    ready = time.monotonic() - started
-    print(f"docker run -> ready: {ready:.1f} s")
-    token = docker.out("exec", name, "storage-element", "token", "--role", "admin")
-    upload_download(f"http://127.0.0.1:{port}", token)
-    assert docker.out("exec", name, "id", "-u") == "10001"
-    uid_line = docker.out("exec", name, "grep", "^Uid:", "/proc/1/status")
-    assert uid_line.split()[1:] == ["10001"] * 4
-    wait_healthy(docker, name, 30)
-    # the volume holds what it should: files, the embedded cluster, the dev keys
-    assert set(docker.out("exec", name, "ls", "/data").split()) >= {"storage", "pg", "keys"}
+    try:
+        started = time.monotonic()
+        docker.run("run", "-d", "--name", name, "--network", network,
+                   "-p", f"127.0.0.1:{port}:8000", se_image)
+        running = lambda: docker.out("inspect", "--format", "{{.State.Running}}", name) == "true"  # noqa: E731
+        wait_http(f"http://127.0.0.1:{port}/health/ready", 120, name, running)
+        print(f"docker run -> ready: {time.monotonic() - started:.1f} s")
+        token = docker.out("exec", name, "storage-element", "token", "--role", "admin")
+        upload_download(f"http://127.0.0.1:{port}", token)
+        assert docker.out("exec", name, "id", "-u") == "10001"
+        uid_line = docker.out("exec", name, "grep", "^Uid:", "/proc/1/status")
+        assert uid_line.split()[1:] == ["10001"] * 4
+        wait_healthy(docker, name, 30)
+        # the volume holds what it should: files, the embedded cluster, the dev keys
+        assert set(docker.out("exec", name, "ls", "/data").split()) >= {"storage", "pg", "keys"}
+    finally:
+        docker.run("rm", "-f", "-v", name, check=False)
+        docker.run("network", "rm", network, check=False)
 
 
 @pytest.fixture
