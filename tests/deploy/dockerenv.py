@@ -48,6 +48,7 @@ PYTHON_EXCLUDES = ("./usr/lib/postgresql", "./usr/share/postgresql",
 COMMON_EXCLUDES = ("./usr/share/doc", "./usr/share/man", "./var/cache/apt/archives",
                    "./var/lib/apt/lists")
 CA_PATH = "/etc/ssl/certs/ca-certificates.crt"
+OWN_DAEMONS: set[str] = set()  # the hosts of the daemons started here
 
 
 def in_ci() -> bool:
@@ -161,6 +162,7 @@ def daemon() -> Iterator[Docker]:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: os.nice(10))  # noqa: PLW1509 - builds and containers inherit it
         stack.callback(_stop_daemon, proc, Docker(host))
+        OWN_DAEMONS.add(host)
         deadline = time.monotonic() + 60
         while not _answers(host):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -431,6 +433,8 @@ class Preparation:
         standins = stand_ins(docker)
         element = docker.build("storage-element:deploy-test", ROOT,
                                args={"BASE_IMAGE": standins.python, **pip_build_args()})
+        if docker.host in OWN_DAEMONS:  # never prune a user's daemon
+            docker.run("image", "prune", "--force", check=False)  # earlier builds' layers
         log(f"images ready in {time.monotonic() - started:.0f} s")
         return Images(docker, standins, element)
 
