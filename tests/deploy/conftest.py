@@ -28,8 +28,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if not session.config.option.collectonly and any(is_deploy(i) for i in session.items):
-        PREP.start()
+    """Start making what the selected tests will ask for."""
+    if session.config.option.collectonly:
+        return
+    wanted = set().union(*(getattr(item, "fixturenames", ()) for item in session.items))
+    for part, fixture in (("images", "images"), ("wheel", "wheel_bin")):
+        if fixture in wanted:
+            PREP.start(part)
 
 
 def pytest_sessionfinish() -> None:

@@ -55,12 +55,15 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-def unavailable(reason: str) -> None:
+DOCKER_HINT = ("install docker.io, docker-compose and debootstrap and run as root, as .ci/run"
+               " does")
+
+
+def unavailable(reason: str, hint: str = DOCKER_HINT) -> None:
     """Skip with ``reason`` on a developer's machine; fail in CI, where it must run."""
     if in_ci():
         pytest.fail(f"deploy tests cannot run in CI: {reason}", pytrace=False)
-    pytest.skip(f"{reason} (install docker.io, docker-compose and debootstrap, run as root;"
-                f" .ci/run does this)")
+    pytest.skip(f"{reason} ({hint})")
 
 
 def cache_dir() -> Path:
@@ -400,9 +403,8 @@ class Preparation:
         self._results: dict[str, tuple[bool, object]] = {}
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        self._spawn("images", self._images)
-        self._spawn("wheel", self._wheel)
+    def start(self, part: str) -> None:
+        self._spawn(part, {"images": self._images, "wheel": self._wheel}[part])
 
     def _spawn(self, name: str, target) -> None:
         with self._lock:
@@ -420,7 +422,7 @@ class Preparation:
             thread.start()
 
     def get(self, name: str):
-        self._spawn(name, {"images": self._images, "wheel": self._wheel}[name])
+        self.start(name)
         self._threads[name].join()
         ok, value = self._results[name]
         if not ok:

@@ -130,3 +130,20 @@ def test_the_dashboard_shows_what_was_asked_for():
                    "storage_wal_pending_operations", "storage_group_commit_members_bucket",
                    "storage_tus_uploads_started_total"):
         assert wanted in names, wanted
+
+
+def test_compose_prometheus_points_at_them():
+    """The compose stack's optional Prometheus scrapes the three elements and loads the
+    rules file."""
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    mounts = {v.split(":")[1]: ROOT / "deploy" / v.split(":")[0] for v in prometheus["volumes"]}
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    (rule_file,) = config["rule_files"]
+    assert mounts[rule_file].resolve() == OBSERVABILITY / "prometheus-rules.yaml"
+    (job,) = config["scrape_configs"]
+    targets = job["static_configs"][0]["targets"]
+    elements = {name for name in compose["services"] if name.startswith("se-")}
+    assert sorted(targets) == sorted(f"{name}:8000" for name in elements)
+    assert job["metrics_path"] == "/metrics"

@@ -30,7 +30,7 @@ S3_BUCKET = "se-tests"  # created by tests/conftest.py's s3_endpoint
 
 def kustomize(path: Path) -> list[dict]:
     if not shutil.which("kubectl"):
-        unavailable("kubectl is not installed")
+        unavailable("kubectl is not installed", "install kubectl, which has kustomize")
     proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True,  # noqa: S603,S607
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
