@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from yoyo import read_migrations, step
@@ -23,9 +22,9 @@ from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
 
 from ..config import Config, validate_prefix
-from .sql import render
+from .sql import bundled, render
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = bundled("migrations")
 log = logging.getLogger(__name__)
 _prefix: contextvars.ContextVar[str | None] = contextvars.ContextVar("yoyo_prefix", default=None)
 

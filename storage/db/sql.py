@@ -8,13 +8,28 @@ cached per prefix, so several apps with different prefixes share one process.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import re
 from pathlib import Path
 from types import MappingProxyType
 
 from ..config import validate_prefix
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+
+def bundled(name: str) -> Path:
+    """The directory ``name`` (``sql`` or ``migrations``) of this copy of the code.
+
+    An installed wheel carries it inside the package as ``storage/_<name>`` (setup.py
+    maps it there); a checkout, plain or installed editable, has it at the top level
+    beside ``storage/``.
+    """
+    packaged = importlib.resources.files("storage") / f"_{name}"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / name
+
+
+SQL_DIR = bundled("sql")
 _NAME_RE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _TOKEN = "<prefix>"
 

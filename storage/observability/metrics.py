@@ -54,6 +54,11 @@ TRANSFER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+RECOVERY_STATUSES = ("success", "error")
+RECOVERY_ACTIONS = ("completed", "rolled_back", "skipped", "errors", "temps_removed",
+                    "wal_purged")
+CONSISTENCY_RESULTS = ("consistent", "inconsistent")
+CACHE_OUTCOMES = ("success", "busy", "error")
 HEALTH_CODES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 LEVEL_CODES = {"ok": 0, "warning": 1, "critical": 2, "full": 3}
 
@@ -81,6 +86,9 @@ class Metrics:
                                  ["status"], registry=r)
         self.deletes = Counter("storage_file_deletes", "File deletions, by outcome",
                                ["status"], registry=r)
+        for counter in (self.uploads, self.downloads, self.deletes):
+            for outcome in ("success", "error"):
+                counter.labels(outcome)
         self.upload_bytes = Counter("storage_file_upload_bytes",
                                     "Bytes of files stored by uploads", registry=r)
         self.download_bytes = Counter("storage_file_download_bytes",
@@ -124,20 +132,36 @@ class Metrics:
                     config.storage_type).set(1)
         self.mode = Gauge("storage_mode", "1 for the current mode", ["mode"], registry=r)
         # maintenance work done by other modules (recovery, cache rebuild, GC)
-        self.recovery_runs = Counter("storage_recovery_runs", "Startup recovery runs",
+        self.recovery_runs = Counter("storage_recovery_runs",
+                                     "Recovery passes (at startup and every few minutes)",
                                      ["status"], registry=r)
-        self.recovery_actions = Counter("storage_recovery_actions",
-                                        "Actions taken by recovery", ["action"], registry=r)
+        self.recovery_actions = Counter(
+            "storage_recovery_actions", "What recovery passes did: pending WAL rows completed "
+            "or rolled back, rows skipped or failed, temp files removed, WAL rows purged",
+            ["action"], registry=r)
         self.recovery_duration = Histogram("storage_recovery_duration_seconds",
                                            "Duration of recovery runs",
                                            buckets=TRANSFER_BUCKETS, registry=r)
+        # every known label value from the start: alerts see the first increase from 0
+        for status in RECOVERY_STATUSES:
+            self.recovery_runs.labels(status)
+        for action in RECOVERY_ACTIONS:
+            self.recovery_actions.labels(action)
         self.cache_rebuilds = Counter("storage_cache_rebuilds", "Cache rebuild operations",
                                       ["operation", "status"], registry=r)
+        for operation in CACHE_ROUTES.values():
+            for outcome in CACHE_OUTCOMES:
+                self.cache_rebuilds.labels(operation, outcome)
         self.cache_rebuild_duration = Histogram(
             "storage_cache_rebuild_duration_seconds", "Duration of cache operations",
             ["operation"], buckets=TRANSFER_BUCKETS, registry=r)
         self.cache_entries = Counter("storage_cache_entries",
                                      "Cache rows changed by rebuilds", ["action"], registry=r)
+        self.consistency_reports = Counter(
+            "storage_cache_consistency_reports", "Consistency reports (GET "
+            "/api/v1/cache/consistency), by result", ["result"], registry=r)
+        for result in CONSISTENCY_RESULTS:
+            self.consistency_reports.labels(result)
         self.gc_deletes = Counter("storage_gc_deletes", "GC delete requests, by outcome",
                                   ["status"], registry=r)
         self.group_commit = Histogram(
@@ -174,8 +198,13 @@ class Metrics:
                 self.recovery_actions.labels(action).inc(count)
 
     def count_recovery(self, report) -> None:
-        """What a recovery pass (a :class:`storage.domain.recovery.Report`) did to resumable
-        uploads."""
+        """One recovery pass (a :class:`storage.domain.recovery.Report`): the run, what it
+        did to pending WAL rows and temp files, and to resumable uploads."""
+        self.recovery_runs.labels("success").inc()
+        for action in RECOVERY_ACTIONS:
+            count = getattr(report, action)
+            if count > 0:
+                self.recovery_actions.labels(action).inc(count)
         self.tus_completed.inc(report.uploads_completed)
         self.tus_expired.inc(report.uploads_expired)
 

@@ -134,6 +134,7 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
         counted(report)
     except Exception:  # serve anyway: pending rows stay pending, the periodic pass retries
         log.exception("startup recovery failed")
+        app[metrics_key].recovery_runs.labels("error").inc()
     finally:
         el.runtime.recovering = False
     if not lease.registered:  # the pass failed before: the next heartbeat retries

@@ -9,6 +9,10 @@ import pytest
 from helpers import upload
 from prometheus_client.parser import text_string_to_metric_families
 
+from storage.db import repo
+from storage.domain import naming
+from storage.domain.element import element_key
+from storage.models import utcnow
 from storage.observability.metrics import metrics_key
 from storage.web.app import make_app
 
@@ -153,7 +157,55 @@ async def test_recovery_counters_for_the_recovery_module(client):
         value(before, "storage_recovery_runs_total", status="success") + 1
     assert value(got, "storage_recovery_duration_seconds_count") == \
         value(before, "storage_recovery_duration_seconds_count") + 1
-    assert ("storage_recovery_actions_total", (("action", "errors"),)) not in got
+    assert value(got, "storage_recovery_actions_total", action="errors") == \
+        value(before, "storage_recovery_actions_total", action="errors")
+
+
+async def test_startup_recovery_counts_the_pending_rows_it_resolves(app_factory, config):
+    """What the "recovery found pending rows" alert (deploy/observability) watches: every
+    known action is exported from the start at 0, and a restart that rolls back a pending
+    upload intent counts it."""
+    first = await app_factory(table_prefix=config.table_prefix,
+                              storage_local_base_path=config.storage_local_base_path)
+    fresh = await scrape(first)
+    assert ("storage_recovery_actions_total", (("action", "rolled_back"),)) in fresh
+    assert value(fresh, "storage_recovery_actions_total", action="rolled_back") == 0
+    assert value(fresh, "storage_recovery_runs_total", status="success") == 1
+    el = first.server.app[element_key]
+    now = utcnow()
+    file_id = uuid.uuid4()
+    name = naming.storage_filename("lost.txt", "tester", now, file_id)
+    await repo.insert_wal(el.db.pool, el.db.q, txid=uuid.uuid4(), op="file_create",
+                          file_id=file_id, data={
+                              "original_filename": "lost.txt", "storage_filename": name,
+                              "storage_path": naming.storage_path(now),
+                              "relative_path": naming.storage_path(now) + name,
+                              "content_type": "text/plain"},
+                          user_id="sub", started_at=now)
+    await first.close()  # a crash after the intent: nothing on disk
+    second = await app_factory(table_prefix=config.table_prefix,
+                               storage_local_base_path=config.storage_local_base_path)
+    got = await scrape(second)
+    assert value(got, "storage_recovery_actions_total", action="rolled_back") == 1
+    assert value(got, "storage_recovery_runs_total", status="success") == 1
+
+
+async def test_consistency_reports_are_counted_by_result(client, auth, config, pg_dsn):
+    """What the "consistency report failing" alert watches."""
+    body = await upload(client, auth(), b"consistent")
+    resp = await client.get("/api/v1/cache/consistency", headers=auth())
+    assert (await resp.json())["report"]["is_consistent"] is True
+    conn = await asyncpg.connect(pg_dsn)  # the cache loses the row: an orphan attr file
+    try:
+        await conn.execute(f"DELETE FROM {config.table_prefix}_files WHERE file_id = $1",
+                           uuid.UUID(body["file_id"]))
+    finally:
+        await conn.close()
+    resp = await client.get("/api/v1/cache/consistency", headers=auth())
+    assert (await resp.json())["report"]["is_consistent"] is False
+    got = await scrape(client)
+    assert value(got, "storage_cache_consistency_reports_total", result="consistent") == 1
+    assert value(got, "storage_cache_consistency_reports_total", result="inconsistent") == 1
 
 
 async def test_cache_api_calls_are_counted_with_their_statistics(client, auth, config,

@@ -14,6 +14,7 @@ from ...domain import cache, files, validate
 from ...domain.element import element
 from ...errors import BadRequest, NotFound
 from ...models import utcnow
+from ...observability.metrics import metrics_key
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -38,6 +39,8 @@ async def rebuild_incremental(request: web.Request) -> web.Response:
 @gate(Access.SERVICE)
 async def consistency(request: web.Request) -> web.Response:
     report = await cache.consistency(element(request))
+    result = "consistent" if report["is_consistent"] else "inconsistent"
+    request.app[metrics_key].consistency_reports.labels(result).inc()
     return _envelope("Consistency check completed", report=report)
 
 
