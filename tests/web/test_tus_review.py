@@ -275,7 +275,10 @@ async def _full_when_the_mode_left(client, admin, data: bytes) -> str:
         **admin, **TUS, **OCTETS, "Upload-Offset": str(len(data) - 100)})
     assert switched.is_set()
     assert resp.status == 400
-    assert "not allowed in ro mode" in (await resp.json())["detail"]
+    body = await resp.json()
+    assert "not allowed in ro mode" in body["detail"]
+    # not a plain refusal: the body says the bytes are kept (the file is made later)
+    assert (body["upload_kept"], body["upload_offset"]) == (True, len(data))
     return path
 
 
