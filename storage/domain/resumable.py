@@ -190,7 +190,8 @@ async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
 
 async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
     """HEAD: the upload as stored; a full upload whose completion died is completed first
-    (unless another request holds it).  :raises NotFound:"""
+    (unless another request holds it, or the element leaves the upload modes meanwhile:
+    then its offset, as in those modes).  :raises NotFound:"""
     up = await _load(el, file_id, who)
     if up.completed_at is None and (up.full or up.finished):
         if not _completable(el, up):
@@ -203,6 +204,8 @@ async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity)
         try:
             if up.completed_at is None:
                 await steps.complete(el, hashes, lease, up)
+        except BadRequest:  # the mode changed during the completion: the bytes are kept
+            return up
         finally:
             await lease.release()
     return up

@@ -478,3 +478,32 @@ async def test_a_completion_whose_mark_was_lost_is_marked_by_recovery(storage_ki
     assert _staged(await stored_objects(config)) in ([], [".resumable/"])
     head = await client.head(path, headers={**admin, **TUS})
     assert (head.status, head.headers["Upload-Offset"]) == (200, str(len(data)))
+
+
+@BOTH_BACKENDS
+async def test_a_head_whose_completion_meets_a_switch_to_ro_reports_the_offset(
+        storage_kind, app_factory, auth, pg_dsn):
+    """HEAD completes a full upload once uploads are allowed again; when the element
+    leaves the upload modes during that completion, the HEAD still reports the offset
+    (it answered 400, with no body a HEAD could carry) and the upload stays."""
+    client = await app_factory(app_mode="rw")
+    config, admin, data = config_of(client), auth(), os.urandom(200 * KIB)
+    path = await _full_when_the_mode_left(client, admin, data)
+    await _set_mode(client, admin, "rw", confirm=True)
+
+    async def switch():
+        await _set_mode(client, admin, "ro")
+
+    faults.HOOKS["tus.after_publish"] = switch
+    try:
+        head = await client.head(path, headers={**admin, **TUS})
+    finally:
+        del faults.HOOKS["tus.after_publish"]
+    assert (head.status, head.headers.get("Upload-Offset")) == (200, str(len(data)))
+    assert await _file_status(client, admin, path) == 404
+    assert (await upload_row(pg_dsn, config, path))["completed_at"] is None
+    await _set_mode(client, admin, "rw", confirm=True)
+    assert (await client.head(path, headers={**admin, **TUS})).status == 200
+    resp = await client.get(f"/api/v1/files/{_id(path)}/download", headers=admin)
+    assert resp.status == 200 and await resp.read() == data
+    assert [s for s, _ in await wal_outcomes(pg_dsn, config)] == ["committed"]
