@@ -928,6 +928,8 @@ class Run:
             kept = last and status == 400 and _kept(body)
             self._finish(ev, status, {204}, detail=_detail(status, body), kept=kept or None,
                          unsure=kept)
+            if kept:  # a file once uploads are allowed: the quiescent point's HEAD makes it
+                self.state.tus_maybe[fid] = size
             if status == 204:
                 offset = end
                 if last:
