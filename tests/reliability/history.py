@@ -950,6 +950,8 @@ class Run:
                 if offset == size and size > 0:
                     ev["type"], ev["done"] = "info", None  # finished, answer lost
                     self.state.tus_open.pop(fid, None)
+                    # (or full but not a file yet: HEAD in ro does not make it)
+                    self.state.tus_maybe[fid] = size
                     return
             elif status == 404:
                 # finished by the lost PATCH and already a file? leave it to the model
