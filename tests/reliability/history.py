@@ -318,8 +318,14 @@ class Checker:
             back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"
                          and n["type"] == "ok"), None)
             # each process polls the mode (MODE_REFRESH_INTERVAL, 0.25 s): one that has
-            # not seen the switch back yet still refuses a write it starts
+            # not seen the switch back yet still refuses a write it starts; one that cannot
+            # poll (PostgreSQL stopped, or the process paused) keeps the mode it last saw
             end = _done(back) + MODE_LAG if back else float("inf")
+            for f in sorted(self.faults, key=lambda f: f["inv"]):
+                if f.get("kind") in ("pg", "pause") and f["inv"] <= end:
+                    fend = f["done"] if f["done"] is not None else float("inf")
+                    if fend + MODE_LAG > (back["inv"] if back else float("inf")):
+                        end = max(end, fend + MODE_LAG)
             if m["inv"] <= hi and lo <= end:
                 return True
         return False
