@@ -74,6 +74,18 @@ UPDATE <prefix>_uploads SET
 WHERE file_id = $1
 RETURNING file_id;
 
+-- name: upload_mark_finished
+-- $1 completed_at, $2 expires_at: the records of uploads whose WAL row committed (the
+-- file is made) but that were never marked complete (the database went away between the
+-- finish and upload_mark_completed; recovery visits only pending intents), marked as the
+-- completion would have; a request finishing it meanwhile writes the same; how many
+UPDATE <prefix>_uploads u SET
+    completed_at = $1, updated_at = $1, expires_at = $2, upload_offset = upload_length,
+    staging = '{}'::jsonb, lease_owner = NULL, lease_until = NULL
+FROM <prefix>_wal w
+WHERE w.transaction_id = u.transaction_id AND w.status = 'committed'
+  AND u.completed_at IS NULL;
+
 -- name: upload_remove
 -- $1 file_id, $2 lease_owner (NULL: whoever holds it), $3 reason, $4 completed_at:
 -- delete the row and roll back its pending WAL row (the reservation goes with it) in

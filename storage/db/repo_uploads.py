@@ -137,6 +137,12 @@ async def mark_completed(db: Db, file_id: uuid.UUID, at: datetime,
                                   expires_at) is not None
 
 
+async def mark_finished(db: Db, at: datetime, expires_at: datetime) -> int:
+    """Mark complete the uploads whose file is made but whose mark was lost; how many."""
+    status = await db.pool.execute(db.q.upload_mark_finished, at, expires_at)
+    return int(status.split()[-1])
+
+
 async def remove(db: Db, file_id: uuid.UUID, owner: str | None, reason: str,
                  at: datetime) -> tuple[int, int]:
     """Delete the row and roll back its pending WAL row (releasing the reservation) in one

@@ -23,8 +23,10 @@ process died (or is still working).  Resolution, with the attr file as the truth
 - Any other operation is left pending and reported.
 
 Then the records of finished resumable uploads that expired and staged bytes no
-unfinished upload owns are removed (:func:`storage.domain.resumable.sweep`), stray ``.tmp*``
-files are removed and finished WAL rows older than ``WAL_RETENTION_HOURS`` are purged.
+unfinished upload owns are removed, and finished uploads never marked complete (the
+database went away after the finish) are marked (:func:`storage.domain.resumable.sweep`),
+stray ``.tmp*`` files are removed and finished WAL rows older than
+``WAL_RETENTION_HOURS`` are purged.
 
 Which rows a pass may resolve, and when passes run (startup, every few minutes,
 ``python run.py recover``): :mod:`storage.domain.recovery_passes`.
@@ -67,7 +69,8 @@ class Report:
     wal_purged: int = 0
     uploads_completed: int = 0  # resumable uploads made files (their completion had died)
     uploads_expired: int = 0  # resumable uploads removed after UPLOAD_EXPIRY_HOURS
-    uploads_swept: int = 0  # finished upload records and orphaned staged bytes removed
+    # finished upload records removed or marked complete, orphaned staged bytes removed
+    uploads_swept: int = 0
     actions: list[str] = field(default_factory=list)
     claimer: uuid.UUID | None = None  # the lease this pass claims intents with
     force: bool = False  # resolve intents whose owner is alive too (``recover --force``)

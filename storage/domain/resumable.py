@@ -40,10 +40,11 @@ the row and commits the upload's own WAL row, releasing the reservation in the s
 statement.  The row is then marked complete (kept until it expires, so ``HEAD``
 still says "complete") and the staged bytes go.  A crash anywhere in between leaves
 a full upload whose completion is simply run again (by the next request, or by the
-recovery resolver :func:`resolve`); a half-published object of an earlier attempt is
-this upload's own and is replaced.  In a mode that forbids uploads a full upload is
-left as it is (``HEAD`` reports its offset): completing it would publish the file only
-to remove it again when the finish is refused.
+recovery resolver :func:`resolve`; one that died after the finish committed, before the
+mark, is marked by the recovery sweep :func:`sweep`); a half-published object of an
+earlier attempt is this upload's own and is replaced.  In a mode that forbids uploads a
+full upload is left as it is (``HEAD`` reports its offset): completing it would publish
+the file only to remove it again when the finish is refused.
 
 **The id** is held by the upload from its creation until it ends: every creation
 starts with a WAL intent, and a trigger (``migrations/0012.upload_ids.py``) refuses
@@ -189,7 +190,8 @@ async def create(el: Element, hashes: Hashes, req: Creation, who: Identity,
 
 async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity) -> ResumableUpload:
     """HEAD: the upload as stored; a full upload whose completion died is completed first
-    (unless another request holds it).  :raises NotFound:"""
+    (unless another request holds it, or the element leaves the upload modes meanwhile:
+    then its offset, as in those modes).  :raises NotFound:"""
     up = await _load(el, file_id, who)
     if up.completed_at is None and (up.full or up.finished):
         if not _completable(el, up):
@@ -202,6 +204,8 @@ async def status(el: Element, hashes: Hashes, file_id: uuid.UUID, who: Identity)
         try:
             if up.completed_at is None:
                 await steps.complete(el, hashes, lease, up)
+        except BadRequest:  # the mode changed during the completion: the bytes are kept
+            return up
         finally:
             await lease.release()
     return up
@@ -313,9 +317,14 @@ def _completable(el: Element, up: ResumableUpload) -> bool:
 
 
 async def sweep(el: Element) -> int:
-    """Drop the records of finished uploads whose time is up, and staged bytes no
-    unfinished upload owns (a removal or completion that died half-way); how many."""
-    removed = await repo_uploads.purge_finished(el.db, utcnow())
+    """Drop the records of finished uploads whose time is up, mark complete those whose
+    file was made but whose mark was lost (the database went away between the finish
+    and the mark: their WAL row is committed, so :func:`resolve` never sees them), and
+    drop staged bytes no unfinished upload owns (a removal or completion that died
+    half-way); how many."""
+    now = utcnow()
+    removed = await repo_uploads.purge_finished(el.db, now)
+    removed += await repo_uploads.mark_finished(el.db, now, expiry(el, now))
     stg = make_staging(el.backend)
     staged = await stg.staged_ids()
     if staged:

@@ -336,9 +336,14 @@ async def complete(el: Element, hashes: Hashes | None, lease: Lease,
             # published file goes again; the staged upload stays for a later attempt
             await _quietly(el.backend.delete(up.relative_path), f"remove {up.relative_path}")
             if isinstance(exc, BadRequest):
+                # not a plain refusal: the bytes stay and the file is made later (the body
+                # says so, ``upload_kept``, so a client or a checker can tell)
                 raise BadRequest(f"{exc.detail}: the upload's {up.upload_offset} bytes are "
                                  "kept; it becomes a file once uploads are allowed again "
-                                 "(by the next HEAD or PATCH), or expires") from None
+                                 "(by the next HEAD or PATCH, or the recovery pass), or "
+                                 "expires", extra={"upload_kept": True,
+                                                   "upload_offset": up.upload_offset}
+                                 ) from None
             raise
         await faults.point(el, "tus.after_finish")
     now = utcnow()

@@ -100,6 +100,11 @@ SCHEMAS: dict[str, Any] = {
                                                 "maximum": 599},
         "detail": STR,
         "errors": {"type": "array", "items": _ref("ValidationIssue")},
+        "upload_kept": {"type": "boolean", "description": (
+            "tus PATCH 400: the element left the upload modes while the upload's last bytes "
+            "were being made a file; the bytes are kept and the file is made once uploads "
+            "are allowed again")},
+        "upload_offset": {**NON_NEG, "description": "with upload_kept: the bytes kept"},
     }, required=["type", "title", "status", "detail"]),
     "ValidationIssue": _obj({
         "loc": {"type": "array", "items": {"type": ["string", "integer"]}},

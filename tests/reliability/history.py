@@ -53,7 +53,13 @@ or ``info``; ``fail`` writes never happen.  A read that returned value ``v`` dur
 ``[inv, done]`` is legal when some effective write ``W`` of ``v`` (or the value observed
 at the last quiescent point) has ``W.inv < R.done`` and is not *superseded* before the
 read began: no ``ok`` write ``W2`` with ``W.done < W2.inv`` and ``W2.done < R.inv`` (an
-``info`` write is never superseded: it may still land, e.g. by recovery).  This checks,
+``info`` write is never superseded: it may still land, e.g. by recovery).  A tus upload's
+last PATCH refused with ``400`` because the element left the upload modes during its
+finish, whose body says ``"upload_kept": true``, is ``info`` too: by design its bytes are
+kept and the file is made by the next HEAD or PATCH, or the recovery pass, once uploads
+are allowed again (README, resumable uploads); a ``400`` without it (refused before any
+byte was taken) is a ``fail``, and a tus ``400`` of either kind is legal only while a
+switch to ``ro`` could be in force.  This checks,
 per id, that every read linearizes against the writes (not the read-read order):
 
 - every acknowledged upload is downloadable with exactly its bytes until a later write;
@@ -157,7 +163,6 @@ class Settings:
     fault_rate: float = 0.3  # faults per second of workload, roughly
     mode: str = ""  # edit | rw; chosen by the seed when empty
     damage: bool = True  # remove one data object behind the element's back
-    tus_with_modes: bool = False  # tus uploads in a run with mode changes (a known bug)
     workdir: Path | None = None
     keep: bool = False
 
@@ -170,8 +175,6 @@ class Settings:
                 "--mode", self.mode]
         if not self.damage:
             args.append("--no-damage")
-        if self.tus_with_modes:
-            args.append("--tus-with-modes")
         return f"cd {ROOT} && " + shlex.join(args)
 
 
@@ -315,8 +318,14 @@ class Checker:
             back = next((n for n in self.modes[i + 1:] if n.get("target") == "rw"
                          and n["type"] == "ok"), None)
             # each process polls the mode (MODE_REFRESH_INTERVAL, 0.25 s): one that has
-            # not seen the switch back yet still refuses a write it starts
+            # not seen the switch back yet still refuses a write it starts; one that cannot
+            # poll (PostgreSQL stopped, or the process paused) keeps the mode it last saw
             end = _done(back) + MODE_LAG if back else float("inf")
+            for f in sorted(self.faults, key=lambda f: f["inv"]):
+                if f.get("kind") in ("pg", "pause") and f["inv"] <= end:
+                    fend = f["done"] if f["done"] is not None else float("inf")
+                    if fend + MODE_LAG > (back["inv"] if back else float("inf")):
+                        end = max(end, fend + MODE_LAG)
             if m["inv"] <= hi and lo <= end:
                 return True
         return False
@@ -417,6 +426,10 @@ class Checker:
     def _check_upload(self, ev: dict) -> None:
         st = ev.get("status")
         if ev["f"] == "tus":
+            if ev.get("kept") and st != 400:
+                self.fail(f"tus upload_kept with status {st}", ev)
+            if st == 400 and not self.mode_ro_possible(ev):
+                self.fail("tus PATCH refused (400) while no ro switch could be in force", ev)
             if st is None or ev["type"] == "info":
                 return
             if st in (500,):
@@ -675,10 +688,11 @@ class Run:
             ev["error"] = type(exc).__name__
             return None, {}, b""
 
-    def _finish(self, ev: dict, status: int | None, ok: set[int], **fields: Any) -> None:
+    def _finish(self, ev: dict, status: int | None, ok: set[int], *, unsure: bool = False,
+                **fields: Any) -> None:
         if status in ok:
             type_ = "ok"
-        elif status is None or status in (500, 502, 503, 504):  # 507: a definite refusal
+        elif unsure or status is None or status in (500, 502, 503, 504):  # 507: refused
             type_ = "info"
         else:
             type_ = "fail"
@@ -917,7 +931,11 @@ class Run:
                 ev, session, "PATCH", base + path, data=data[offset:end],
                 headers={**tus, "Content-Type": "application/offset+octet-stream",
                          "Upload-Offset": str(offset)})
-            self._finish(ev, status, {204}, detail=_detail(status, body))
+            kept = last and status == 400 and _kept(body)
+            self._finish(ev, status, {204}, detail=_detail(status, body), kept=kept or None,
+                         unsure=kept)
+            if kept:  # a file once uploads are allowed: the quiescent point's HEAD makes it
+                self.state.tus_maybe[fid] = size
             if status == 204:
                 offset = end
                 if last:
@@ -938,6 +956,8 @@ class Run:
                 if offset == size and size > 0:
                     ev["type"], ev["done"] = "info", None  # finished, answer lost
                     self.state.tus_open.pop(fid, None)
+                    # (or full but not a file yet: HEAD in ro does not make it)
+                    self.state.tus_maybe[fid] = size
                     return
             elif status == 404:
                 # finished by the lost PATCH and already a file? leave it to the model
@@ -1002,11 +1022,6 @@ class Run:
         if self.s.mode == "rw":
             mix["delete"] = 1  # refused in rw (checked); GC deletes instead
             mix["gc"] = 8
-            if not self.s.tus_with_modes:
-                # KNOWN BUG (tus, reported in issue 26's closing note, left to the tus
-                # branch): on S3 a tus upload's last PATCH refused with 400 (ro mode) still
-                # becomes a file moments later.  --tus-with-modes puts tus back to see it.
-                mix["tus"] = 0
         return mix
 
     # faults -----------------------------------------------------------------------------
@@ -1312,12 +1327,10 @@ class Run:
         if stray:
             problems.append(f"end: pending WAL rows left: {stray[:5]}")
         if uploads - set(self.state.tus_open):
-            # KNOWN BUG (tus, reported in issue 26's closing note, left to the tus branch):
-            # a tus upload whose last PATCH met a PostgreSQL outage (503) becomes a file,
-            # but its <prefix>_uploads row stays unfinished (completed_at NULL) even after
-            # recover --force.  Noted, not failed, until that is fixed.
-            self.notes.append(f"unfinished tus rows of finished files (known tus bug): "
-                              f"{sorted(uploads - set(self.state.tus_open))}")
+            # (a last PATCH that met a PostgreSQL outage between the finish and the mark
+            # left one so, even after recover --force: the recovery sweep marks them now)
+            problems.append(f"end: unfinished tus rows of finished or removed uploads: "
+                            f"{sorted(uploads - set(self.state.tus_open))[:5]}")
         if self.s3 is None:
             root = Path(self.env["STORAGE_LOCAL_BASE_PATH"])
             temps = [str(p.relative_to(root)) for p in root.rglob(".tmp*")]
@@ -1401,6 +1414,14 @@ class Run:
             "notes": self.notes,
         }
         return {"problems": problems}
+
+
+def _kept(body: bytes) -> bool:
+    """A tus last PATCH's 400 that kept the bytes (``upload_kept``: the element left the
+    upload modes during the finish; the file is made once uploads are allowed again)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return json.loads(body).get("upload_kept") is True
+    return False
 
 
 def _detail(status: int | None, body: bytes) -> str | None:
@@ -1495,8 +1516,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(FAULTS)}, or none")
     p.add_argument("--mode", choices=("", "edit", "rw"), default="")
     p.add_argument("--no-damage", action="store_true")
-    p.add_argument("--tus-with-modes", action="store_true",
-                   help="tus uploads also in rw runs with mode changes (a known tus bug)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the run directory when it passes")
     p.add_argument("--soak", action="store_true",
@@ -1510,8 +1529,7 @@ def _settings(a: argparse.Namespace, seed: int) -> Settings:
     return Settings(seed=seed, storage=a.storage, procs=a.procs, clients=a.clients,
                     phases=a.phases, phase_s=a.phase_s, ids=a.ids, max_size=a.max_size,
                     max_store=a.max_store, faults=faults, mode=a.mode,
-                    damage=not a.no_damage, workdir=a.workdir, keep=a.keep,
-                    tus_with_modes=a.tus_with_modes)
+                    damage=not a.no_damage, workdir=a.workdir, keep=a.keep)
 
 
 def main(argv: list[str] | None = None) -> int:

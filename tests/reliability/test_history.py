@@ -95,3 +95,25 @@ def test_a_500_and_an_unexplained_503_are_violations():
     events = [ev(0, "list", 0, 1, "info", status=500), ev(1, "meta", 2, 3, "info", status=503)]
     assert [why for why, _ in Checker(events, 100).run()] == [
         "500", "503 outside any fault window"]
+
+
+def _mode(i, target, inv, done):
+    return {"i": i, "f": "mode", "inv": inv, "done": done, "type": "ok", "target": target}
+
+
+def test_a_tus_400_that_kept_the_bytes_may_become_a_file_later_a_plain_one_may_not():
+    """A last PATCH refused (400) because the element left the upload modes during its
+    finish keeps its bytes (``upload_kept``): the file is made once uploads are allowed
+    again, so the write is unsure (``info``), as the driver records it.  A plain 400
+    (refused before any byte was taken) is a refusal: nothing of it may appear."""
+    ro, rw = _mode(0, "ro", 0, 1), _mode(1, "rw", 5, 6)
+    later = ev(4, "download", 8, 9, status=200, sha="A")
+    kept = ev(2, "tus", 2, None, "info", status=400, kept=True, sha="A", size=1, tag="t0")
+    assert Checker([ro, kept, rw, later], 100).run() == []
+    plain = ev(2, "tus", 2, 3, "fail", status=400, sha="A", size=1, tag="t0")
+    assert [why.split(":")[0] for why, _ in Checker([ro, plain, rw, later], 100).run()] == [
+        "download returned content no write may have left"]
+    # a tus 400, kept or not, only while a switch to ro could be in force
+    for refused in (kept, plain):
+        assert [why for why, _ in Checker([refused], 100).run()] == [
+            "tus PATCH refused (400) while no ro switch could be in force"]
