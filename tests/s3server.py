@@ -47,6 +47,18 @@ class S3Endpoint:
     secret_key: str
     region: str = "us-east-1"
 
+    def element_env(self, bucket: str, folder: str) -> dict[str, str]:
+        """The environment of a ``python run.py`` storing on this endpoint, in ``folder``
+        of ``bucket``, with the smallest multipart threshold S3 allows (5 MiB)."""
+        return {
+            "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": self.endpoint_url,
+            "STORAGE_S3_ACCESS_KEY_ID": self.access_key,
+            "STORAGE_S3_SECRET_ACCESS_KEY": self.secret_key,
+            "STORAGE_S3_BUCKET_NAME": bucket, "STORAGE_S3_REGION": self.region,
+            "STORAGE_S3_APP_FOLDER": folder,
+            "STORAGE_S3_MULTIPART_THRESHOLD": str(5 * 1024 * 1024),
+        }
+
 
 def weed_binary() -> str:
     """Path of ``weed``: on PATH or next to the running interpreter."""

@@ -114,7 +114,8 @@ class Lease:
 
 
 def owner(runtime) -> Lease | None:
-    return getattr(runtime, "lease", None)
+    """This process's lease (None where none is held: a maintenance command's app)."""
+    return runtime.lease
 
 
 def require_writable(runtime) -> None:

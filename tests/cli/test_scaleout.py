@@ -102,16 +102,8 @@ def element_env(server_env, request):
         if store:
             env["STORAGE_LOCAL_BASE_PATH"] = str(store)
         if kind == "s3":
-            endpoint = request.getfixturevalue("s3_endpoint")
-            env.update({
-                "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": endpoint.endpoint_url,
-                "STORAGE_S3_ACCESS_KEY_ID": endpoint.access_key,
-                "STORAGE_S3_SECRET_ACCESS_KEY": endpoint.secret_key,
-                "STORAGE_S3_BUCKET_NAME": request.getfixturevalue("s3_bucket"),
-                "STORAGE_S3_REGION": endpoint.region,
-                "STORAGE_S3_APP_FOLDER": folder or f"se-{secrets.token_hex(6)}",
-                "STORAGE_S3_MULTIPART_THRESHOLD": str(5 * MIB),
-            })
+            env.update(request.getfixturevalue("s3_endpoint").element_env(
+                request.getfixturevalue("s3_bucket"), folder or f"se-{secrets.token_hex(6)}"))
         return env
 
     return build

@@ -662,14 +662,7 @@ class Run:
             "SHUTDOWN_TIMEOUT": "3", "LOG_LEVEL": "warning",
         }
         if self.s3 is not None:
-            env.update({
-                "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": self.s3.endpoint_url,
-                "STORAGE_S3_ACCESS_KEY_ID": self.s3.access_key,
-                "STORAGE_S3_SECRET_ACCESS_KEY": self.s3.secret_key,
-                "STORAGE_S3_BUCKET_NAME": self.s3_bucket, "STORAGE_S3_REGION": self.s3.region,
-                "STORAGE_S3_APP_FOLDER": "hist-" + uuid.uuid4().hex[:10],
-                "STORAGE_S3_MULTIPART_THRESHOLD": str(5 * MIB),
-            })
+            env.update(self.s3.element_env(self.s3_bucket, "hist-" + uuid.uuid4().hex[:10]))
         return env
 
     # operations -------------------------------------------------------------------------

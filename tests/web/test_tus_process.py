@@ -32,14 +32,8 @@ def kind_env(request, server_env, storage_kind) -> dict[str, str]:
     """``server_env`` on the backend of ``storage_kind`` (SeaweedFS for ``s3``)."""
     env = dict(server_env)
     if storage_kind == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        env.update({
-            "STORAGE_TYPE": "s3", "STORAGE_S3_ENDPOINT_URL": endpoint.endpoint_url,
-            "STORAGE_S3_ACCESS_KEY_ID": endpoint.access_key,
-            "STORAGE_S3_SECRET_ACCESS_KEY": endpoint.secret_key,
-            "STORAGE_S3_BUCKET_NAME": request.getfixturevalue("s3_bucket"),
-            "STORAGE_S3_REGION": endpoint.region, "STORAGE_S3_APP_FOLDER": "se",
-            "STORAGE_S3_MULTIPART_THRESHOLD": str(5 * MIB)})
+        env.update(request.getfixturevalue("s3_endpoint").element_env(
+            request.getfixturevalue("s3_bucket"), "se"))
     return env
 
 
@@ -181,6 +175,28 @@ def test_a_patch_in_flight_when_the_server_dies_is_locked_for_nobody(
     assert resp.status_code == 204, resp.text
 
 
+async def _patch_then_drop(server, location: str, headers: dict, data: bytes, sent: int) -> int:
+    """A raw PATCH that announces all of ``data``, sends ``sent`` bytes and drops the
+    connection; the offset HEAD then reports, once the server has finished the request."""
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {
+        **headers, **OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)),
+        "Host": f"127.0.0.1:{server.port}"}.items())
+    writer.write(f"PATCH {URL(location).path} HTTP/1.1\r\n{head}\r\n".encode() + data[:sent])
+    await writer.drain()
+    await asyncio.sleep(0.5)  # let the server read what was sent
+    writer.close()
+    await writer.wait_closed()
+    offset = 0
+    for _ in range(200):  # the server finishes the request after the client left
+        offset = int(requests.head(location, headers=headers, timeout=10)
+                     .headers["Upload-Offset"])
+        if offset:
+            break
+        await asyncio.sleep(0.05)
+    return offset
+
+
 async def test_a_body_cut_short_keeps_what_arrived(server_factory, server_env, auth):
     """tus: store as much of an interrupted PATCH as possible (no checksum was sent).
     A real process: the in-process test server cancels handlers when the client leaves."""
@@ -189,26 +205,10 @@ async def test_a_body_cut_short_keeps_what_arrived(server_factory, server_env, a
     created = requests.post(server.url + ROOT, headers={**headers, "Upload-Length": str(
         len(data))}, timeout=10)
     location = created.headers["Location"]
-    path = URL(location).path
     # a raw connection that announces 3 MiB, sends half and drops
-    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    head = "".join(f"{k}: {v}\r\n" for k, v in {
-        **headers, **OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)),
-        "Host": f"127.0.0.1:{server.port}"}.items())
-    writer.write(f"PATCH {path} HTTP/1.1\r\n{head}\r\n".encode() + data[: 3 * MIB // 2])
-    await writer.drain()
-    await asyncio.sleep(0.5)  # the server has read and staged the first MiB by now
-    writer.close()
-    await writer.wait_closed()
-    offset = 0
-    for _ in range(100):  # the server finishes the request after the client left
-        offset = int(requests.head(location, headers=headers, timeout=10)
-                     .headers["Upload-Offset"])
-        if offset:
-            break
-        await asyncio.sleep(0.05)
+    offset = await _patch_then_drop(server, location, headers, data, 3 * MIB // 2)
     assert 0 < offset <= 3 * MIB // 2
-    staged = Path(server_env["STORAGE_LOCAL_BASE_PATH"]) / ".resumable" / path.rsplit("/")[-1]
+    staged = Path(server_env["STORAGE_LOCAL_BASE_PATH"]) / ".resumable" / location.rsplit("/")[-1]
     assert staged.stat().st_size == offset
     resp = requests.patch(location, data=data[offset:], timeout=30, headers={
         **headers, **OCTETS, "Upload-Offset": str(offset)})
@@ -227,22 +227,7 @@ async def test_an_interrupted_patch_keeps_every_byte_that_arrived(storage_kind,
     created = requests.post(server.url + ROOT, headers={**headers, "Upload-Length": str(
         len(data))}, timeout=10)
     location, sent = created.headers["Location"], 1_000_000
-    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    head = "".join(f"{k}: {v}\r\n" for k, v in {
-        **headers, **OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)),
-        "Host": f"127.0.0.1:{server.port}"}.items())
-    writer.write(f"PATCH {URL(location).path} HTTP/1.1\r\n{head}\r\n".encode() + data[:sent])
-    await writer.drain()
-    await asyncio.sleep(0.5)  # let the server read what was sent
-    writer.close()
-    await writer.wait_closed()
-    offset = 0
-    for _ in range(200):  # the server finishes the request after the client left
-        offset = int(requests.head(location, headers=headers, timeout=10)
-                     .headers["Upload-Offset"])
-        if offset:
-            break
-        await asyncio.sleep(0.05)
+    offset = await _patch_then_drop(server, location, headers, data, sent)
     assert offset == sent
     resp = requests.patch(location, data=data[offset:], timeout=30, headers={
         **headers, **OCTETS, "Upload-Offset": str(offset)})
